@@ -1,0 +1,383 @@
+"""The cost model (DESIGN §4): pure functions from (tensor, placement, profile, workload)
+to seconds and bytes. The only place formulas live.
+
+The planner sees every decision as a choice among *options*: each weight tensor has one
+option per (device, prefill mode, compensation rank), each layer's KV cache one option per
+host fraction. An option carries everything the step time and memory need. The ILP
+(ilp.py) picks one option per item; `predict.evaluate` scores a fixed placement by looking
+up the same options, so the two always agree, and brute force can enumerate them.
+
+Units: seconds (`_s`), bytes (`_bytes`), flop counts; bandwidths in the profile are GB/s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from .hardware import HardwareProfile, curve_gbps, flops_for
+from .spec import ModelSpec, TensorSpec, Workload
+
+# Host fraction levels offered to the ILP for each layer's KV cache (oldest tokens first).
+KV_LEVELS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+# Element-wise operators per decoder layer (2 norms, rotary, 2 residual adds, activation,
+# gate product, cache append): each costs one operator overhead on the accelerator.
+ELEMENTWISE_OPS_PER_LAYER = 8
+
+
+# ---- time on one resource -----------------------------------------------------------------
+
+def roofline_s(flops: float, n_bytes: float, flops_per_s: float, bytes_per_s: float,
+               overhead_s: float) -> float:
+    """Operator time on one device: the slower of compute and memory traffic, plus overhead."""
+    return overhead_s + max(flops / flops_per_s, n_bytes / bytes_per_s)
+
+
+def acc_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float) -> float:
+    a = profile.accelerator
+    return roofline_s(flops, n_bytes, flops_for(a.flops_tflops, dtype) * a.matmul_efficiency,
+                      a.mem_bw_gbps * 1e9 * a.gemv_efficiency, a.op_overhead_s)
+
+
+def host_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float) -> float:
+    h = profile.host
+    return roofline_s(flops, n_bytes, flops_for(h.flops_tflops, dtype) * h.matmul_efficiency,
+                      h.mem_bw_gbps * 1e9 * h.gemv_efficiency, h.op_overhead_s)
+
+
+def host_attention_s(profile: HardwareProfile, dtype: str, flops: float, kv_bytes: float) -> float:
+    h = profile.host
+    attn_bytes_per_s = (h.attention_gbps or h.mem_bw_gbps * h.gemv_efficiency) * 1e9
+    return roofline_s(flops, kv_bytes, flops_for(h.flops_tflops, dtype) * h.matmul_efficiency,
+                      attn_bytes_per_s, h.op_overhead_s)
+
+
+def h2d_s(profile: HardwareProfile, n_bytes: float) -> float:
+    """Pinned host-to-device copy of one buffer: latency + bytes / bandwidth(size)."""
+    if n_bytes <= 0:
+        return 0.0
+    link = profile.link
+    return link.latency_s + n_bytes / (curve_gbps(link.h2d_curve, n_bytes, link.h2d_gbps) * 1e9)
+
+
+def d2h_s(profile: HardwareProfile, n_bytes: float) -> float:
+    if n_bytes <= 0:
+        return 0.0
+    link = profile.link
+    return link.latency_s + n_bytes / (curve_gbps(link.d2h_curve, n_bytes, link.d2h_gbps) * 1e9)
+
+
+def touched_fraction(route_prob: float, tokens: float) -> float:
+    """Expected fraction of a (possibly expert) weight read when `tokens` rows pass."""
+    return 1.0 - (1.0 - route_prob) ** tokens
+
+
+def expected_tokens_per_step(acceptance: float, gamma: int) -> float:
+    """E = (1 - a^(g+1)) / (1 - a): tokens a draft/verify step yields per sequence."""
+    if gamma == 0:
+        return 1.0
+    if acceptance >= 1.0:
+        return float(gamma + 1)
+    return (1.0 - acceptance ** (gamma + 1)) / (1.0 - acceptance)
+
+
+# ---- composite costs --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PathCost:
+    """Time an item adds to a stage's compute path, split by the resource that spends it.
+    `hidden_cpu_s` is host work overlapped with accelerator work (not on the path)."""
+
+    acc_s: float = 0.0
+    cpu_s: float = 0.0
+    xfer_s: float = 0.0
+    hidden_cpu_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.acc_s + self.cpu_s + self.xfer_s
+
+    def __add__(self, other: "PathCost") -> "PathCost":
+        return PathCost(self.acc_s + other.acc_s, self.cpu_s + other.cpu_s,
+                        self.xfer_s + other.xfer_s, self.hidden_cpu_s + other.hidden_cpu_s)
+
+
+ZERO = PathCost()
+
+
+def parallel(acc_side: PathCost, cpu_side: PathCost) -> PathCost:
+    """Two branches that run concurrently: the longer is the path, the other is hidden."""
+    if acc_side.total_s >= cpu_side.total_s:
+        return PathCost(acc_side.acc_s, acc_side.cpu_s, acc_side.xfer_s,
+                        acc_side.hidden_cpu_s + cpu_side.total_s)
+    return PathCost(cpu_side.acc_s, cpu_side.cpu_s, cpu_side.xfer_s,
+                    cpu_side.hidden_cpu_s + acc_side.total_s)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything fixed while the ILP chooses placements: model, machine, workload, draft."""
+
+    spec: ModelSpec
+    profile: HardwareProfile
+    workload: Workload
+    draft: ModelSpec | None = None
+    gamma: int = 0  # draft length; 0 = no speculation
+    acceptance: float = 0.0
+    rank_choices: tuple[int, ...] = (0,)  # compensation ranks offered per quantized tensor
+    rank_recovery: dict[str, dict[int, float]] = field(default_factory=dict)  # tensor kind -> rank -> recovered fraction
+
+    @property
+    def verify_tokens(self) -> int:
+        return self.gamma + 1
+
+    @property
+    def decode_rows(self) -> int:
+        """Rows through each weight matrix per decode (verify) step."""
+        return self.workload.batch * self.verify_tokens
+
+    @property
+    def prefill_rows(self) -> int:
+        return self.workload.batch * self.workload.prompt
+
+    @property
+    def expected_tokens(self) -> float:
+        return expected_tokens_per_step(self.acceptance, self.gamma) if self.draft else 1.0
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bf16" if self.spec.quantization else self.spec.dtype
+
+    @property
+    def act_bytes(self) -> int:
+        return self.spec.weight_elt_bytes
+
+    @cached_property
+    def decode_steps(self) -> float:
+        """Verify steps after the first token (which prefill yields)."""
+        return max(self.workload.gen - 1, 0) / self.expected_tokens
+
+
+# ---- options ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorOption:
+    device: str  # gpu | stream | cpu
+    prefill_streamed: bool  # cpu tensor copied to the accelerator for prefill
+    rank: int  # compensation rank (0 = none)
+    decode: PathCost  # per decode step
+    prefill: PathCost  # whole prefill
+    decode_link_s: float  # h2d time to bring the weight in before each decode step
+    prefill_link_s: float
+    vram_bytes: int  # resident on the accelerator
+    buffer_bytes: int  # needs a streaming buffer slot this large
+    host_bytes: int  # weight storage in host memory
+    comp_bytes: int  # compensation factors A, B in host memory
+    recovered: float  # fraction of quantization error recovered by the branch
+
+
+@dataclass(frozen=True)
+class KVOption:
+    host_fraction: float
+    decode: PathCost
+    prefill: PathCost
+    vram_bytes: int
+    host_bytes: int
+
+
+def _matmul_on_acc(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
+    n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
+    return PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, rows * t.flops_per_token, n_bytes))
+
+
+def _matmul_on_host(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
+    n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
+    cpu = host_op_s(scn.profile, scn.spec.dtype, rows * t.flops_per_token, n_bytes)
+    xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
+    return PathCost(cpu_s=cpu, xfer_s=xfer)
+
+
+def _embed_lookup(scn: Scenario, device: str, rows: int) -> PathCost:
+    if device == "gpu":
+        return PathCost(acc_s=scn.profile.accelerator.op_overhead_s)
+    row_bytes = rows * scn.spec.hidden * scn.act_bytes
+    return PathCost(cpu_s=scn.profile.host.op_overhead_s, xfer_s=h2d_s(scn.profile, row_bytes))
+
+
+def compensation_branch(scn: Scenario, t: TensorSpec, rank: int, rows: int) -> PathCost:
+    """CPU branch (x·A)·B of a rank-`rank` residual, with x down and the correction up."""
+    factor_bytes = rank * (t.rows + t.cols) * scn.act_bytes
+    flops = 2.0 * rows * rank * (t.rows + t.cols)
+    cpu = host_op_s(scn.profile, scn.spec.dtype, flops, factor_bytes) + scn.profile.host.op_overhead_s
+    xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
+    return PathCost(cpu_s=cpu, xfer_s=xfer)
+
+
+def compensation_bytes(scn: Scenario, t: TensorSpec, rank: int) -> int:
+    return rank * (t.rows + t.cols) * scn.act_bytes
+
+
+def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
+    """Every way to place tensor `t`, with its decode/prefill cost and memory."""
+    W = t.n_bytes
+    dec_rows = scn.decode_rows
+    # Prefill: the lm_head only runs on the last position of each sequence.
+    pf_rows = scn.workload.batch if t.group == "head" else scn.prefill_rows
+    if t.group == "embed":
+        return [TensorOption(d, False, 0, _embed_lookup(scn, d, dec_rows), _embed_lookup(scn, d, pf_rows),
+                             0.0, 0.0, W if d == "gpu" else 0, 0, W if d == "cpu" else 0, 0, 0.0)
+                for d in ("gpu", "cpu")]
+    acc_dec, acc_pf = _matmul_on_acc(scn, t, dec_rows), _matmul_on_acc(scn, t, pf_rows)
+    link_s = h2d_s(scn.profile, W)
+    ranks = scn.rank_choices if (scn.spec.quantization and t.group in ("attn", "mlp")) else (0,)
+    options = []
+    for rank in ranks:
+        if rank:
+            branch = compensation_branch(scn, t, rank, dec_rows)
+            dec = parallel(acc_dec, branch)
+            pf = parallel(acc_pf, compensation_branch(scn, t, rank, pf_rows))
+            recovered = scn.rank_recovery.get(t.kind, {}).get(rank, 0.0)
+        else:
+            dec, pf, recovered = acc_dec, acc_pf, 0.0
+        comp = compensation_bytes(scn, t, rank)
+        options.append(TensorOption("gpu", False, rank, dec, pf, 0.0, 0.0, W, 0, 0, comp, recovered))
+        options.append(TensorOption("stream", False, rank, dec, pf, link_s, link_s, 0, W, W, comp, recovered))
+    options.append(TensorOption("cpu", False, 0, _matmul_on_host(scn, t, dec_rows),
+                                _matmul_on_host(scn, t, pf_rows), 0.0, 0.0, 0, 0, W, 0, 0.0))
+    options.append(TensorOption("cpu", True, 0, _matmul_on_host(scn, t, dec_rows), acc_pf,
+                                0.0, link_s, 0, W, W, 0, 0.0))
+    return options
+
+
+def mean_host_tokens(host_tokens: float, start: float, end: float) -> float:
+    """Mean of min(host_tokens, depth) as the cache depth grows linearly from start to end."""
+    if end <= start:
+        return min(host_tokens, start)
+    if host_tokens >= end:
+        return (start + end) / 2.0
+    if host_tokens <= start:
+        return host_tokens
+    below = (host_tokens ** 2 - start ** 2) / 2.0  # integral of depth from start to host_tokens
+    return (below + host_tokens * (end - host_tokens)) / (end - start)
+
+
+def attention_decode(scn: Scenario, host_fraction: float) -> PathCost:
+    """One layer's attention for one decode step with `host_fraction` of the cache on the host."""
+    spec, wl = scn.spec, scn.workload
+    start, end = float(wl.prompt), float(wl.prompt + wl.gen)
+    host_tokens = mean_host_tokens(host_fraction * wl.context, start, end)
+    device_tokens = (start + end) / 2.0 - host_tokens
+    rows = scn.decode_rows
+    flops_per_key = 4.0 * spec.heads * spec.head_dim * rows
+    kv_per_key = wl.batch * spec.kv_bytes_per_token_layer
+    acc_side = ZERO
+    if device_tokens > 0 or host_tokens == 0:
+        acc_side = PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, flops_per_key * device_tokens,
+                                           kv_per_key * device_tokens))
+    if host_fraction == 0:
+        return acc_side
+    q_bytes = rows * spec.heads * spec.head_dim * scn.act_bytes
+    out_bytes = rows * spec.heads * (spec.head_dim + 1) * 4  # O_c and L_c in fp32
+    cpu_side = PathCost(
+        cpu_s=host_attention_s(scn.profile, spec.dtype, flops_per_key * host_tokens, kv_per_key * host_tokens),
+        xfer_s=d2h_s(scn.profile, q_bytes) + h2d_s(scn.profile, out_bytes))
+    if device_tokens <= 0:
+        return cpu_side
+    merge = PathCost(acc_s=scn.profile.accelerator.op_overhead_s * 2)
+    return parallel(acc_side, cpu_side) + merge
+
+
+def attention_prefill(scn: Scenario, host_fraction: float) -> PathCost:
+    """Prefill attention runs on the accelerator (all keys are fresh there); the host part of
+    the new K/V is then copied down."""
+    spec, wl = scn.spec, scn.workload
+    p = wl.prompt
+    flops = 4.0 * spec.heads * spec.head_dim * wl.batch * p * (p + 1) / 2.0
+    kv_bytes = wl.batch * p * spec.kv_bytes_per_token_layer
+    qo_bytes = 2 * wl.batch * p * spec.heads * spec.head_dim * scn.act_bytes
+    cost = PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, flops, kv_bytes + qo_bytes))
+    host_tokens = min(host_fraction * wl.context, p)
+    if host_tokens > 0:
+        cost += PathCost(xfer_s=d2h_s(scn.profile, wl.batch * host_tokens * spec.kv_bytes_per_token_layer))
+    return cost
+
+
+def kv_options(scn: Scenario) -> list[KVOption]:
+    """One option per host-fraction level; identical for every layer of a model."""
+    full_kv_bytes = scn.workload.batch * scn.workload.context * scn.spec.kv_bytes_per_token_layer
+    options = []
+    for c in KV_LEVELS:
+        host_bytes = int(round(c * full_kv_bytes))
+        options.append(KVOption(c, attention_decode(scn, c), attention_prefill(scn, c),
+                                full_kv_bytes - host_bytes, host_bytes))
+    return options
+
+
+def layer_fixed(scn: Scenario, rows: int) -> PathCost:
+    """Element-wise work of one decoder layer (norms, rotary, residuals, activation)."""
+    spec = scn.spec
+    n_bytes = rows * (6 * spec.hidden + 3 * spec.intermediate) * scn.act_bytes
+    a = scn.profile.accelerator
+    return PathCost(acc_s=ELEMENTWISE_OPS_PER_LAYER * a.op_overhead_s + n_bytes / (a.mem_bw_gbps * 1e9))
+
+
+def head_fixed(scn: Scenario, rows: int) -> PathCost:
+    """Final norm and the greedy argmax over the vocabulary."""
+    a = scn.profile.accelerator
+    n_bytes = rows * (scn.spec.hidden + scn.spec.vocab) * 4
+    return PathCost(acc_s=3 * a.op_overhead_s + n_bytes / (a.mem_bw_gbps * 1e9))
+
+
+# ---- memory and draft terms (constants for the ILP) -----------------------------------------
+
+def acc_workspace_bytes(scn: Scenario) -> int:
+    """Activations of the largest forward pass (prefill of the whole prompt) plus fp32 logits
+    for the last positions. Attention scores are not materialised (fused attention)."""
+    spec, wl = scn.spec, scn.workload
+    per_row = 2 * spec.hidden + (spec.heads + 2 * spec.kv_heads) * spec.head_dim + 2 * spec.intermediate
+    return scn.prefill_rows * per_row * scn.act_bytes + scn.decode_rows * spec.vocab * 4
+
+
+def host_staging_bytes(scn: Scenario) -> int:
+    """Pinned buffers for activations crossing the link (one layer's widest in/out, prefill)."""
+    spec = scn.spec
+    return scn.prefill_rows * (spec.hidden + spec.intermediate) * scn.act_bytes
+
+
+def _resident_scenario(scn: Scenario) -> Scenario:
+    assert scn.draft is not None
+    return Scenario(scn.draft, scn.profile, scn.workload)
+
+
+def draft_vram_bytes(scn: Scenario) -> int:
+    """Draft weights and its KV cache at full context (the draft stays resident)."""
+    if scn.draft is None:
+        return 0
+    d = scn.draft
+    kv = scn.workload.batch * (scn.workload.context + scn.gamma + 1) * d.kv_bytes_per_token
+    return d.weight_bytes + kv
+
+
+def draft_step_s(scn: Scenario) -> float:
+    """The `gamma` draft forwards of one speculative step, all on the accelerator."""
+    if scn.draft is None or scn.gamma == 0:
+        return 0.0
+    dscn = _resident_scenario(scn)
+    rows = scn.workload.batch
+    one = head_fixed(dscn, rows).total_s + scn.draft.layers * (layer_fixed(dscn, rows).total_s
+                                                             + attention_decode(dscn, 0.0).total_s)
+    one += sum(_matmul_on_acc(dscn, t, rows).total_s for t in scn.draft.tensors() if t.group != "embed")
+    return scn.gamma * one
+
+
+def draft_prefill_s(scn: Scenario) -> float:
+    """The draft's own prefill of the prompt (it needs its KV cache too)."""
+    if scn.draft is None or scn.gamma == 0:
+        return 0.0
+    dscn = _resident_scenario(scn)
+    rows = dscn.prefill_rows
+    total = head_fixed(dscn, scn.workload.batch).total_s
+    total += scn.draft.layers * (layer_fixed(dscn, rows).total_s + attention_prefill(dscn, 0.0).total_s)
+    total += sum(_matmul_on_acc(dscn, t, scn.workload.batch if t.group == "head" else rows).total_s
+                 for t in scn.draft.tensors() if t.group != "embed")
+    return total

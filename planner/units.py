@@ -1,0 +1,56 @@
+"""Parsing and printing of sizes and rates. Internally: bytes, seconds, GB/s (1e9 bytes/s)."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import OffplanError
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+GIB = 2**30
+
+
+def parse_bytes(value: object, field: str = "size") -> int:
+    """'24GiB', '10 GB', '512M', 1073741824 -> bytes. Raises OffplanError naming `field`."""
+    if isinstance(value, bool):
+        raise OffplanError(f"{field}: expected a size such as '24GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise OffplanError(f"{field}: cannot read size {value!r}; write it like '24GiB' or '16GB'")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    else:
+        raise OffplanError(f"{field}: expected a size such as '24GiB', got {value!r}")
+    size = number * _SIZE_UNITS[unit]
+    if size <= 0:
+        raise OffplanError(f"{field}: must be positive, got {value!r}")
+    return int(round(size))
+
+
+def fmt_bytes(n_bytes: float) -> str:
+    """Bytes -> '41.2 GiB' (binary units, one decimal)."""
+    n = float(n_bytes)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(t_s: float) -> str:
+    """Seconds -> '12.3 ms' / '1.42 s' / '3 min 5 s'."""
+    if t_s < 1e-3:
+        return f"{t_s * 1e6:.0f} µs"
+    if t_s < 1:
+        return f"{t_s * 1e3:.1f} ms"
+    if t_s < 120:
+        return f"{t_s:.2f} s"
+    return f"{int(t_s // 60)} min {int(t_s % 60)} s"
