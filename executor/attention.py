@@ -302,7 +302,9 @@ class HybridKVCache(nn.Module):
         n_host = min(max(self.host_tokens - start, 0), t)  # new tokens that land in host slots
         host_keys = min(end, self.host_tokens)
         device_keys = max(end - self.host_tokens, 0)
-        if host_keys == 0:
+        if start == 0 and t > 1 and host_keys > 0:
+            out = self._prefill(q, k, v, n_host, device_keys)
+        elif host_keys == 0:
             out = self._device_part(q, k, v, start, n_host, device_keys)[0]
         elif device_keys == 0:
             out = self._host_only(q, k, v, start, n_host, host_keys)
@@ -312,6 +314,20 @@ class HybridKVCache(nn.Module):
         if self.timed:
             self.total_s += time.perf_counter() - call_start
             self.calls += 1
+        return out
+
+    def _prefill(self, q: Tensor, k: Tensor, v: Tensor, n_host: int, device_keys: int) -> Tensor:
+        """A prefill from an empty cache: every key is fresh on the accelerator, so attention runs
+        there in one piece; the host slots' K/V are then copied down (d2h) once."""
+        clock_start = _clock(self.device, self._cuda) if self.timed else 0.0
+        out, _ = attention_with_lse(q, k, v, causal_offset=0)  # [b, heads, t, hd]
+        if device_keys:
+            self._dev_k[:, :, :device_keys].copy_(k[:, :, n_host:])
+            self._dev_v[:, :, :device_keys].copy_(v[:, :, n_host:])
+        _copy(self._host_k[:, :, :n_host], k[:, :, :n_host], self._cuda)
+        _copy(self._host_v[:, :, :n_host], v[:, :, :n_host], self._cuda)
+        if self.timed:
+            self.device_s += _elapsed_s(clock_start, _clock(self.device, self._cuda))
         return out
 
     def _device_part(self, q: Tensor, k: Tensor, v: Tensor, start: int, n_host: int,

@@ -159,8 +159,9 @@ def synthetic_model(spec: ModelSpec, seed: int = 0, dtype: str | None = None,
             tensors[name] = torch.ones(meta.shape, dtype=target, device=device)
             continue
         generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
-        tensor = torch.randn(meta.shape, generator=generator, dtype=target)  # drawn on the CPU
-        tensors[name] = tensor.mul_(synthetic_std(spec, name, tuple(meta.shape))).to(device)
+        tensor = torch.empty(meta.shape, dtype=target)  # drawn on the CPU, then moved
+        tensor.normal_(0.0, synthetic_std(spec, name, tuple(meta.shape)), generator=generator)
+        tensors[name] = tensor.to(device)
     if spec.tied_embeddings:
         tensors[HEAD_KEY] = tensors[EMBED_KEY]
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,7 +18,8 @@ from .ilp import SolverOptions, solve_placement
 from .plan import make_plan, save_plan
 from .predict import option_tables
 from .render import compare_table, memory_table, model_line, placement_table, plan_json, speed_table
-from .units import fmt_seconds
+from .errors import OffplanError
+from .units import fmt_bytes, fmt_seconds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run LLMs on a GPU that is too small for them.")
@@ -66,6 +68,64 @@ def solve(
         console.print(compare_table(plan, baselines))
     if out is not None:
         console.print(f"plan written to [bold]{out}[/]")
+
+
+@app.command()
+def run(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Hugging Face safetensors directory.")] = None,
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Random weights of the planned shape.")] = False,
+    prompt: PromptOpt = None, gen: GenOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of synthetic weights and prompts.")] = 0,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    profile_layers: Annotated[bool, typer.Option("--profile-layers", help="Time every stage.")] = False,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
+) -> None:
+    """Execute a plan with PyTorch; compare measured with predicted speed."""
+    from .plan import load_plan
+    from .render_run import comparison_table, stage_table
+    from .schema import atomic_write
+    check_out_path(json_file)
+    if checkpoint is not None and synthetic:
+        raise OffplanError("--checkpoint and --synthetic: give one of them")
+    plan = load_plan(plan_file)
+    try:
+        from executor.run import RunOptions, run_plan
+    except ImportError as exc:
+        raise OffplanError(f"offplan run needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    options = RunOptions(checkpoint=checkpoint, synthetic=synthetic, seed=seed, prompt=prompt, gen=gen,
+                         threads=threads, profile_layers=profile_layers)
+    with console.status("running...", spinner="dots") as status:
+        report = run_plan(plan, options, lambda msg: status.update(msg))
+    wl = report.workload
+    console.print(f"[bold]{model_line(plan.model)}[/] on {report.device} "
+                  f"(plan for {plan.profile.name}); batch {wl.batch}, prompt {wl.prompt}, generate {wl.gen}")
+    console.print(comparison_table(report.comparisons(), "Measured vs predicted"))
+    m = report.measured
+    if m.streamed_bytes_per_step:
+        console.print(f"streamed {fmt_bytes(m.streamed_bytes_per_step)} per decode step at {m.link_gbps:.1f} GB/s; "
+                      f"compute waited {fmt_seconds(m.copy_wait_s_per_step)} per step for weights")
+    if m.accelerator_peak_is_accounted:
+        console.print("accelerator memory on the loopback device counts offplan's own tensors "
+                      "(weights, buffers, KV cache)")
+    if m.stages:
+        console.print(stage_table(m.stages))
+    if json_file is not None:
+        atomic_write(json_file, json.dumps(run_report_json(report), indent=2) + "\n")
+        console.print(f"report written to [bold]{json_file}[/]")
+
+
+def run_report_json(report) -> dict:
+    from .schema import to_dict
+    m = report.measured
+    return {
+        "model": report.plan.model.name, "profile": report.plan.profile.name, "device": report.device,
+        "workload": vars(report.workload),
+        "comparisons": [{"metric": n, "predicted": p, "measured": v, "unit": u,
+                         "error_pct": 100.0 * (p - v) / v if v else None} for n, p, v, u in report.comparisons()],
+        "measured": {k: v for k, v in to_dict(m).items() if k not in ("events",)},
+        "predicted": to_dict(report.predicted),
+    }
 
 
 @hw_app.command("list")

@@ -204,8 +204,11 @@ def test_worker_thread_runs_and_shuts_down() -> None:
     cache = HybridKVCache(1, 8, 1, 8, torch.float32, "cpu", host_tokens=3, cpu_threads=1)
     q = torch.randn(1, 2, 5, 8)
     cache.attend(q, torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+    assert len(_worker_threads()) == before  # a prefill from empty attends on the device alone
+    assert cache.host_s == 0 and cache.device_s > 0
+    cache.attend(q[:, :, :1], torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
     assert len(_worker_threads()) == before + 1
-    assert cache.host_s > 0 and cache.device_s > 0 and cache.merge_s > 0 and cache.calls == 1
+    assert cache.host_s > 0 and cache.device_s > 0 and cache.merge_s > 0 and cache.calls == 2
     assert cache.total_s >= cache.merge_s
     cache.close()
     assert len(_worker_threads()) == before
@@ -222,7 +225,9 @@ def test_plain_and_host_only_caches_start_no_thread() -> None:
     for host_tokens in (0, 6):
         with HybridKVCache(1, 6, 1, 8, torch.float32, None, host_tokens=host_tokens) as cache:
             assert cache.device == torch.device("cpu")  # None = torch's default device
-            cache.attend(torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8))
+            cache.attend(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+            cache.reset_timings()
+            cache.attend(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
             assert len(_worker_threads()) == before
             assert (cache.host_s > 0) == (host_tokens > 0)
             assert (cache.device_s > 0) == (host_tokens == 0)

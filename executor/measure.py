@@ -1,0 +1,415 @@
+"""Timing kernels for the profiler: each returns the median time of several timed runs.
+
+Every kernel runs on a torch device: a CUDA device, or the CPU (the loopback accelerator
+and the host). Timing on CUDA uses `torch.cuda.Event`s recorded on the current stream
+(device time, no host jitter); on the CPU, `time.perf_counter`. CUDA-specific calls live
+in the few functions named `_cuda_*`, each beside its CPU twin.
+
+Spread: the relative spread of the timed runs, (q3 - q1) / median (interquartile range),
+or (max - min) / median when there are fewer than four runs. A rate derived from a time
+(bytes / s, flop / s) has the same relative spread to first order.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from planner.hardware import Link
+from planner.units import fmt_bytes
+
+# The host side of a transfer rotates through a pool at least this large, so each timed copy
+# reads (or writes) memory that no recent run touched: weights streamed by the executor come
+# from DRAM, not from a cache warmed by the previous repeat. Twice a large last-level cache.
+COLD_POOL_BYTES = 128 * 2**20
+# At most this many host slices per transfer size (tiny copies need not span the pool).
+MAX_SLOTS = 1024
+# The smallest spread stored: timer resolution makes anything below it meaningless.
+MIN_SPREAD = 1e-4
+
+KIB, MIB, GIB = 2**10, 2**20, 2**30
+TINY_COPY_BYTES = 256  # a transfer whose time is all latency
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPU_DTYPES = ("fp32", "bf16")  # fp16 matmul on CPUs is a slow emulated path nothing uses
+CUDA_DTYPES = ("bf16", "fp16", "fp32")
+ATTENTION_SHAPE = (8, 4, 128)  # kv_heads, query heads per kv head, head_dim (Llama-3-8B-like)
+ATTENTION_DTYPE = "bf16"
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float  # per call
+    spread: float  # relative spread of the runs (see module docstring)
+    runs: int
+
+
+def relative_spread(samples_s: list[float]) -> float:
+    """(q3 - q1) / median for four or more samples, (max - min) / median below that."""
+    median = statistics.median(samples_s)
+    if len(samples_s) >= 4:
+        q1, _, q3 = statistics.quantiles(samples_s, n=4, method="inclusive")
+        width = q3 - q1
+    else:
+        width = max(samples_s) - min(samples_s)
+    return max(width / median, MIN_SPREAD) if median > 0 else MIN_SPREAD
+
+
+# ---- clocks: the CUDA functions and their CPU twins ----------------------------------------
+
+def _cuda_synchronize(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def _cpu_synchronize(device: torch.device) -> None:
+    """CPU twin: torch CPU operators have finished when they return."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_available():
+        _cuda_synchronize(device)
+    else:
+        _cpu_synchronize(device)
+
+
+def _cuda_elapsed_s(fn: Callable[[], object], calls: int) -> float:
+    """Device time of `calls` back-to-back calls, between two events on the current stream."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+
+
+def _cpu_elapsed_s(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return time.perf_counter() - start
+
+
+def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+              calls: int = 1) -> Timing:
+    """Median per-call time of `repeats` runs of `calls` calls each, after `warmup` calls."""
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples_s = []
+    for _ in range(repeats):
+        elapsed_s = _cuda_elapsed_s(fn, calls) if cuda else _cpu_elapsed_s(fn, calls)
+        samples_s.append(elapsed_s / calls)
+    return Timing(statistics.median(samples_s), relative_spread(samples_s), repeats)
+
+
+# ---- buffers ------------------------------------------------------------------------------
+
+def _cuda_pinned_buffer(n_bytes: int) -> torch.Tensor:
+    return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)  # [n_bytes] page-locked
+
+
+def _cpu_pinned_buffer(n_bytes: int) -> torch.Tensor:
+    """CPU twin: without a CUDA device there is nothing to pin for; plain host memory."""
+    return torch.empty(n_bytes, dtype=torch.uint8)  # [n_bytes]
+
+
+def host_buffer(n_bytes: int, pinned: bool) -> torch.Tensor:
+    """A touched host buffer (pages faulted in before timing)."""
+    if pinned:
+        buf = _cuda_pinned_buffer(n_bytes) if torch.cuda.is_available() else _cpu_pinned_buffer(n_bytes)
+    else:
+        buf = torch.empty(n_bytes, dtype=torch.uint8)  # [n_bytes] pageable
+    return buf.fill_(1)
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+def transfer_timing(device: torch.device, size_bytes: int, to_device: bool, pinned: bool,
+                    warmup: int, repeats: int, calls: int = 1) -> Timing:
+    """One copy of `size_bytes` between host memory and `device` (a CPU device: host to host).
+
+    The host side rotates through slices of a pool of at least COLD_POOL_BYTES; the device
+    side is one fixed buffer, as the executor's streaming buffers are."""
+    pool_bytes = max(size_bytes, COLD_POOL_BYTES)
+    pool = host_buffer(pool_bytes, pinned)  # [pool_bytes]
+    n_slots = min(pool_bytes // size_bytes, MAX_SLOTS)
+    stride = pool_bytes // n_slots
+    slots = [pool[i * stride:i * stride + size_bytes] for i in range(n_slots)]
+    dev = torch.ones(size_bytes, dtype=torch.uint8, device=device)  # [size_bytes]
+    views = itertools.cycle(slots)
+    if to_device:
+        def fn() -> object:
+            return dev.copy_(next(views), non_blocking=pinned)
+    else:
+        def fn() -> object:
+            return next(views).copy_(dev, non_blocking=pinned)
+    return time_runs(fn, device, warmup, repeats, calls)
+
+
+def copy_timing(device: torch.device, size_bytes: int, warmup: int, repeats: int) -> Timing:
+    """A copy between two buffers of `size_bytes` on `device` (moves 2 x size_bytes)."""
+    src = torch.ones(size_bytes, dtype=torch.uint8, device=device)  # [size_bytes]
+    dst = torch.zeros(size_bytes, dtype=torch.uint8, device=device)  # [size_bytes]
+    return time_runs(lambda: dst.copy_(src), device, warmup, repeats)
+
+
+def matmul_timing(device: torch.device, dtype: str, m: int, k: int, n: int,
+                  warmup: int, repeats: int) -> Timing:
+    """[m, k] @ [k, n] into a preallocated output (2 m k n flops)."""
+    tdt = DTYPES[dtype]
+    a = torch.randn(m, k, device=device, dtype=tdt)  # [m, k]
+    b = torch.randn(k, n, device=device, dtype=tdt)  # [k, n]
+    out = torch.empty(m, n, device=device, dtype=tdt)  # [m, n]
+    return time_runs(lambda: torch.matmul(a, b, out=out), device, warmup, repeats)
+
+
+def linear_timing(device: torch.device, dtype: str, out_features: int, in_features: int,
+                  batch: int, warmup: int, repeats: int) -> Timing:
+    """A decode-step linear layer: x [batch, in] times weight [out, in] transposed."""
+    tdt = DTYPES[dtype]
+    weight = torch.randn(out_features, in_features, device=device, dtype=tdt)  # [out, in]
+    x = torch.randn(batch, in_features, device=device, dtype=tdt)  # [batch, in]
+    return time_runs(lambda: torch.nn.functional.linear(x, weight), device, warmup, repeats)
+
+
+def op_overhead_timing(device: torch.device, calls: int, warmup: int, repeats: int) -> Timing:
+    """A matmul so small that its time is the fixed cost of one operator call."""
+    a = torch.ones(1, 16, device=device)  # [1, 16]
+    b = torch.ones(16, 16, device=device)  # [16, 16]
+    out = torch.empty(1, 16, device=device)  # [1, 16]
+    return time_runs(lambda: torch.matmul(a, b, out=out), device, warmup, repeats, calls)
+
+
+def attention_kv_bytes(s: Settings) -> int:
+    """Bytes of K and V one decode attention reads for one sequence."""
+    kv_heads, _, head_dim = ATTENTION_SHAPE
+    return 2 * kv_heads * s.attention_tokens * head_dim * DTYPES[ATTENTION_DTYPE].itemsize
+
+
+def attention_timing(device: torch.device, dtype: str, kv_heads: int, group: int, head_dim: int,
+                     tokens: int, warmup: int, repeats: int) -> Timing:
+    """One decode token's attention over a KV cache of `tokens`, returning output and
+    log-sum-exp (what the hybrid attention merges), grouped-query layout."""
+    tdt = DTYPES[dtype]
+    scale = 1.0 / math.sqrt(head_dim)
+    q = torch.randn(kv_heads, group, head_dim, device=device, dtype=tdt)  # [kv_heads, group, head_dim]
+    k = torch.randn(kv_heads, tokens, head_dim, device=device, dtype=tdt)  # [kv_heads, tokens, head_dim]
+    v = torch.randn(kv_heads, tokens, head_dim, device=device, dtype=tdt)  # [kv_heads, tokens, head_dim]
+
+    def attend() -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [kv_heads, group, tokens]
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [kv_heads, group, 1]
+        out = torch.matmul(torch.exp(scores - lse), v)  # [kv_heads, group, head_dim]
+        return out, lse
+
+    return time_runs(attend, device, warmup, repeats)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure. Sizes keep allocations under ~2 GiB at once."""
+    link_sizes_bytes: tuple[int, ...]
+    warmup: int
+    repeats: int
+    latency_calls: int  # tiny copies per timed run
+    overhead_calls: int  # tiny matmuls per timed run
+    copy_bytes: int  # memory-bandwidth copy (two buffers of this size)
+    cpu_gemm_shapes: tuple[tuple[int, int, int], ...]  # (m, k, n), prefill-like
+    cuda_gemm_shapes: tuple[tuple[int, int, int], ...]
+    gemv_shape: tuple[int, int]  # (out, in): larger than any last-level cache
+    gemv_batches: tuple[int, ...]  # decode-like; the first must be 1
+    attention_tokens: int
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    """The CUDA device to time, what it computes in, and a copy size that fits in it."""
+    device: torch.device
+    dtypes: tuple[str, ...]
+    copy_bytes: int
+
+
+# ---- figures derived from timings -----------------------------------------------------------
+
+def sig(value: float, digits: int = 4) -> float:
+    """Round to `digits` significant digits: the runs do not support more."""
+    return float(f"{value:.{digits}g}")
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: float
+    spread: float  # relative
+
+    @staticmethod
+    def rate(units: float, timing: Timing, scale: float) -> Figure:
+        """`units` per second of `timing`, divided by `scale` (1e9 for GB/s, 1e12 for TFLOP/s)."""
+        return Figure(sig(units / timing.median_s / scale), sig(timing.spread))
+
+    @staticmethod
+    def time(timing: Timing) -> Figure:
+        return Figure(sig(timing.median_s), sig(timing.spread))
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What one device (accelerator or host CPU) achieved."""
+    mem_bw_gbps: Figure  # copy, read + write bytes
+    flops_tflops: dict[str, Figure]  # best prefill-like matmul by dtype
+    gemv_gbps: dict[str, dict[int, Figure]]  # weight bytes / s by dtype, then batch
+    op_overhead_s: Figure
+
+    def flops_values(self) -> dict[str, float]:
+        return {dtype: f.value for dtype, f in self.flops_tflops.items()}
+
+    def gemv_dtype(self) -> str:
+        """The dtype model weights are kept in (bf16) when measured, else the first measured."""
+        return "bf16" if "bf16" in self.gemv_gbps else next(iter(self.gemv_gbps))
+
+    def gemv_efficiency(self) -> Figure:
+        """Batch-1 GEMV bytes/s over copy bandwidth, clamped to (0, 1]: a GEMV only reads,
+        so on some machines it beats a copy's read + write rate."""
+        batch1 = self.gemv_gbps[self.gemv_dtype()][1]
+        return Figure(sig(min(1.0, max(batch1.value / self.mem_bw_gbps.value, 1e-3))), batch1.spread)
+
+    def spread(self, prefix: str) -> dict[str, float]:
+        """Relative spreads keyed by profile field path."""
+        out = {f"{prefix}.mem_bw_gbps": self.mem_bw_gbps.spread,
+               f"{prefix}.gemv_efficiency": self.gemv_efficiency().spread,
+               f"{prefix}.op_overhead_s": self.op_overhead_s.spread}
+        out.update({f"{prefix}.flops_tflops.{dt}": f.spread for dt, f in self.flops_tflops.items()})
+        return out
+
+
+# ---- what to time --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Step:
+    key: str
+    label: str
+    run: Callable[[], Timing]
+
+
+def measure_all(s: Settings, gpu: GpuTarget | None, report: Progress) -> dict[str, Timing]:
+    """Time everything a profile needs; keys name the step (`link.h2d.pinned.<size>`, ...)."""
+    return _run_steps(_plan(s, gpu), report)
+
+
+def _plan(s: Settings, gpu: GpuTarget | None) -> list[_Step]:
+    cpu = torch.device("cpu")
+    steps = _link_steps(gpu.device if gpu else cpu, s, (True, False) if gpu else (True,))
+    if gpu:
+        steps += _compute_steps("accelerator", gpu.device, s, gpu.dtypes, s.cuda_gemm_shapes,
+                                gpu.copy_bytes)
+    steps += _compute_steps("host", cpu, s, CPU_DTYPES, s.cpu_gemm_shapes, s.copy_bytes)
+    kv_heads, group, head_dim = ATTENTION_SHAPE
+    kv_bytes = attention_kv_bytes(s)
+    steps.append(_Step("host.attention", f"host attention over {fmt_bytes(kv_bytes)} of KV cache",
+                       functools.partial(attention_timing, cpu, ATTENTION_DTYPE, kv_heads,
+                                         group, head_dim, s.attention_tokens, s.warmup, s.repeats)))
+    return steps
+
+
+def _link_steps(device: torch.device, s: Settings, pinned_kinds: tuple[bool, ...]) -> list[_Step]:
+    steps = [_Step("link.latency", "link latency (tiny copies)",
+                   functools.partial(transfer_timing, device, TINY_COPY_BYTES, True, True,
+                                     s.warmup, s.repeats, s.latency_calls))]
+    for direction in ("h2d", "d2h"):
+        for pinned in pinned_kinds:
+            kind = "pinned" if pinned else "pageable"
+            for size in s.link_sizes_bytes:
+                steps.append(_Step(
+                    f"link.{direction}.{kind}.{size}", f"link {direction} {kind} {fmt_bytes(size)}",
+                    functools.partial(transfer_timing, device, size, direction == "h2d",
+                                      pinned, s.warmup, s.repeats)))
+    return steps
+
+
+def _compute_steps(prefix: str, device: torch.device, s: Settings, dtypes: tuple[str, ...],
+                   gemm_shapes: tuple[tuple[int, int, int], ...], copy_bytes: int) -> list[_Step]:
+    w, r = s.warmup, s.repeats
+    steps = [_Step(f"{prefix}.copy", f"{prefix} memory bandwidth ({fmt_bytes(copy_bytes)} copy)",
+                   functools.partial(copy_timing, device, copy_bytes, w, r))]
+    out_f, in_f = s.gemv_shape
+    for dt in dtypes:
+        for i, (m, k, n) in enumerate(gemm_shapes):
+            steps.append(_Step(f"{prefix}.gemm.{dt}.{i}", f"{prefix} {dt} matmul {m}x{k}x{n}",
+                               functools.partial(matmul_timing, device, dt, m, k, n, w, r)))
+        for batch in s.gemv_batches:
+            steps.append(_Step(f"{prefix}.gemv.{dt}.{batch}", f"{prefix} {dt} GEMV batch {batch}",
+                               functools.partial(linear_timing, device, dt, out_f, in_f,
+                                                 batch, w, r)))
+    steps.append(_Step(f"{prefix}.overhead", f"{prefix} per-operator overhead",
+                       functools.partial(op_overhead_timing, device, s.overhead_calls, w, r)))
+    return steps
+
+
+def _run_steps(steps: list[_Step], report: Progress) -> dict[str, Timing]:
+    """Runs each step, telling `report` what runs and the fraction of steps done."""
+    timings = {}
+    for i, step in enumerate(steps):
+        report(step.label, i / len(steps))
+        timings[step.key] = step.run()
+    report("done", 1.0)
+    return timings
+
+
+def compute_figures(prefix: str, timings: dict[str, Timing], s: Settings, copy_bytes: int,
+                    gemm_shapes: tuple[tuple[int, int, int], ...]) -> Compute:
+    """Rates from the timings of `_compute_steps(prefix, ...)` (copy_bytes: the size it used)."""
+    dtypes = [k.split(".")[2] for k in timings if k.startswith(f"{prefix}.gemv.") and k.endswith(".1")]
+    out_f, in_f = s.gemv_shape
+    flops, gemv = {}, {}
+    for dt in dtypes:
+        rates = [Figure.rate(2 * m * k * n, timings[f"{prefix}.gemm.{dt}.{i}"], 1e12)
+                 for i, (m, k, n) in enumerate(gemm_shapes)]
+        flops[dt] = max(rates, key=lambda f: f.value)
+        weight_bytes = out_f * in_f * DTYPES[dt].itemsize
+        gemv[dt] = {b: Figure.rate(weight_bytes, timings[f"{prefix}.gemv.{dt}.{b}"], 1e9)
+                    for b in s.gemv_batches}
+    return Compute(mem_bw_gbps=Figure.rate(2 * copy_bytes, timings[f"{prefix}.copy"], 1e9),
+                   flops_tflops=flops, gemv_gbps=gemv,
+                   op_overhead_s=Figure.time(timings[f"{prefix}.overhead"]))
+
+
+def link_figures(timings: dict[str, Timing], s: Settings,
+                 pageable_measured: bool) -> tuple[Link, dict[str, float]]:
+    """Curves (bytes / (time - latency)) by size, asymptotes at the largest size, spreads."""
+    latency = Figure.time(timings["link.latency"])
+    curves, spread = {}, {"link.latency_s": latency.spread}
+    for direction in ("h2d", "d2h"):
+        for kind in ("pinned", "pageable") if pageable_measured else ("pinned",):
+            points = []
+            for size in s.link_sizes_bytes:
+                t_s = timings[f"link.{direction}.{kind}.{size}"].median_s
+                points.append((float(size), sig(size / max(t_s - latency.value, t_s / 2) / 1e9)))
+            field = f"{direction}_curve" if kind == "pinned" else f"{direction}_pageable_curve"
+            curves[field] = tuple(points)
+            spread[f"link.{field}"] = sig(max(timings[f"link.{direction}.{kind}.{size}"].spread
+                                             for size in s.link_sizes_bytes))
+    if not pageable_measured:  # loopback: host memory is never pinned; one copy path
+        curves["h2d_pageable_curve"], curves["d2h_pageable_curve"] = curves["h2d_curve"], curves["d2h_curve"]
+    largest = max(s.link_sizes_bytes)
+    spread["link.h2d_gbps"] = timings[f"link.h2d.pinned.{largest}"].spread
+    spread["link.d2h_gbps"] = timings[f"link.d2h.pinned.{largest}"].spread
+    link = Link(h2d_gbps=curves["h2d_curve"][-1][1], d2h_gbps=curves["d2h_curve"][-1][1],
+                latency_s=latency.value, **curves)
+    return link, {k: sig(v) for k, v in spread.items()}
+
+
+
+
+def attention_figure(timings: dict[str, Timing], s: Settings) -> Figure:
+    """KV bytes scanned per second by one decode token's CPU attention."""
+    return Figure.rate(attention_kv_bytes(s), timings["host.attention"], 1e9)

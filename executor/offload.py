@@ -1,0 +1,215 @@
+"""apply_plan(model, plan): put every tensor where the plan says, from outside the model.
+
+- `gpu` weights move to the accelerator and stay there (plain nn.Linear).
+- `stream` weights live in (pinned) host memory; a PrefetchEngine copies the next stage's
+  weights into one of two accelerator buffers while the current stage computes.
+- `cpu` weights live in host memory and are computed there; activations cross the link.
+  A cpu weight marked `prefill_streamed` is streamed like a `stream` weight during prefill.
+- Each layer's KV cache is split as the plan says (executor/attention.py).
+
+The model code (executor/model.py) knows nothing of this: modules are swapped and forward
+pre-hooks are registered, the way gpt-fast applies tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from planner.errors import PlanError
+from planner.plan import Plan
+
+from .attention import HybridKVCache, split_tokens
+from .model import KVCache, Transformer
+from .streams import Devices, PrefetchEngine, to_accelerator, to_host
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class LinearStats:
+    """Seconds spent by the cpu-computed linears (compute, and activations over the link)."""
+
+    cpu_s: float = 0.0
+    xfer_s: float = 0.0
+    calls: int = 0
+
+
+class PlacedLinear(nn.Module):
+    """A Linear whose weight is not resident: streamed into a buffer slot, or computed on the
+    host. `engine.phase` decides per call which (a cpu weight may stream for prefill)."""
+
+    def __init__(self, linear: nn.Linear, name: str, device: str, prefill_streamed: bool,
+                 devices: Devices, engine: PrefetchEngine, stats: LinearStats):
+        super().__init__()
+        self.name, self.placement, self.prefill_streamed = name, device, prefill_streamed
+        self.devices, self.engine, self.stats = devices, engine, stats
+        self.host_weight = devices.host_copy(linear.weight.detach())  # [out, in], pinned on CUDA
+        self.host_bias = None if linear.bias is None else devices.host_copy(linear.bias.detach())
+        self.device_bias = None if linear.bias is None else linear.bias.detach().to(devices.accelerator)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def streams_now(self) -> bool:
+        return self.placement == "stream" or (self.prefill_streamed and self.engine.phase == "prefill")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] on the accelerator
+        if self.streams_now():
+            return F.linear(x, self.engine.weight(self.name), self.device_bias)
+        start = time.perf_counter()
+        x_host = to_host(x, self.devices)
+        moved = time.perf_counter()
+        y_host = F.linear(x_host, self.host_weight, self.host_bias)  # [..., out] on the host
+        computed = time.perf_counter()
+        y = to_accelerator(y_host, self.devices)
+        done = time.perf_counter()
+        self.stats.cpu_s += computed - moved
+        self.stats.xfer_s += (moved - start) + (done - computed)
+        self.stats.calls += 1
+        return y
+
+
+class HostEmbedding(nn.Module):
+    """Token lookup in host memory; only the looked-up rows cross the link."""
+
+    def __init__(self, weight: torch.Tensor, devices: Devices):
+        super().__init__()
+        self.devices = devices
+        self.host_weight = weight if weight.device == devices.host else devices.host_copy(weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens [batch, t]
+        rows = F.embedding(tokens.to(self.devices.host), self.host_weight)  # [batch, t, hidden]
+        return to_accelerator(rows, self.devices)
+
+
+@dataclass
+class OffloadHandle:
+    """What apply_plan installed: the engine, the caches, counters and memory accounting."""
+
+    model: Transformer
+    plan: Plan
+    devices: Devices
+    engine: PrefetchEngine
+    caches: list[nn.Module]
+    linear_stats: LinearStats
+    resident_bytes: int
+    hooks: list = field(default_factory=list)
+
+    def begin(self, phase: str) -> None:
+        """Start a forward pass of `phase`: prefetch the first streamed stage."""
+        self.engine.begin(phase)
+
+    @property
+    def device_kv_bytes(self) -> int:
+        total = 0
+        for cache in self.caches:
+            if isinstance(cache, HybridKVCache):
+                total += sum(t.numel() * t.element_size() for t in (cache._dev_k, cache._dev_v))
+            else:
+                total += sum(t.numel() * t.element_size() for t in (cache.k, cache.v))
+        return total
+
+    @property
+    def accelerator_bytes(self) -> int:
+        """Bytes offplan holds on the accelerator: resident weights, stream buffers, device KV."""
+        return self.resident_bytes + self.engine.buffer_bytes + self.device_kv_bytes
+
+    def reset_caches(self) -> None:
+        self.model.truncate_caches(0)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.engine.close()
+        for cache in self.caches:
+            if isinstance(cache, HybridKVCache):
+                cache.close()
+
+
+def _check_model(model: Transformer, plan: Plan) -> None:
+    names = {n[len("model."):] if n.startswith("model.") else n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Embedding))}
+    missing = [t.name for t in plan.model.tensors() if t.name not in names]
+    if missing:
+        raise PlanError(f"plan: tensor {missing[0]!r} is not in the model (the plan was made for another model)")
+
+
+def _module(model: Transformer, name: str) -> tuple[nn.Module, str]:
+    """Parent module and attribute name of tensor `name` (plan naming)."""
+    path = name if name == "lm_head" else f"model.{name}"
+    parent_path, _, attr = path.rpartition(".")
+    return model.get_submodule(parent_path) if parent_path else model, attr
+
+
+def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
+               max_tokens: int | None = None) -> OffloadHandle:
+    """Place `model`'s tensors as `plan` says and install its KV caches. The model must hold
+    its weights on the host (as loaded); resident ones are moved to the accelerator."""
+    _check_model(model, plan)
+    devices = devices or Devices.detect()
+    placement = plan.placement
+    stats = LinearStats()
+    engine = PrefetchEngine(devices)
+    resident_bytes = 0
+    stage_of = {t.name: (t.layer if t.layer is not None else plan.model.layers) for t in plan.model.tensors()}
+
+    # ---- weights -----------------------------------------------------------------------------
+    for t in plan.model.tensors():
+        device = placement.device(t.name)
+        parent, attr = _module(model, t.name)
+        module = getattr(parent, attr)
+        if t.group == "embed":
+            weight = module.weight.detach()
+            if device == "gpu":
+                module.to(devices.accelerator)
+                resident_bytes += weight.numel() * weight.element_size() if not plan.model.tied_embeddings else 0
+            else:
+                setattr(parent, attr, HostEmbedding(weight, devices))
+            continue
+        if device == "gpu":
+            module.to(devices.accelerator)
+            resident_bytes += sum(p.numel() * p.element_size() for p in module.parameters())
+            continue
+        placed = PlacedLinear(module, t.name, device, placement.streams_for_prefill(t.name), devices, engine, stats)
+        if device == "stream" or placed.prefill_streamed:
+            phases = PHASES if device == "stream" else ("prefill",)
+            engine.register(t.name, stage_of[t.name], placed.host_weight, phases)
+        setattr(parent, attr, placed)
+    if plan.model.tied_embeddings and placement.device("lm_head") != "gpu" and placement.device("embed_tokens") == "gpu":
+        # The lookup table is the lm_head weight, which lives on the host: look up there.
+        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight.detach(), devices)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.data = param.data.to(devices.accelerator)
+            resident_bytes += param.numel() * param.element_size()
+    engine.allocate()
+
+    # ---- KV caches ---------------------------------------------------------------------------
+    max_tokens = max_tokens or plan.workload.context
+    dtype = next(p.dtype for n, p in model.named_parameters() if "norm" in n)
+    caches: list[nn.Module] = []
+    for layer, c in zip(model.model.layers, placement.kv_host_fraction):
+        attn = layer.self_attn
+        host_tokens = split_tokens(c, max_tokens)
+        if host_tokens:
+            cache = HybridKVCache(plan.workload.batch, max_tokens, attn.kv_heads, attn.head_dim, dtype,
+                                  devices.accelerator, host_tokens=host_tokens, host_device=devices.host)
+        else:
+            cache = KVCache(plan.workload.batch, max_tokens, attn.kv_heads, attn.head_dim, dtype,
+                            devices.accelerator)
+        attn.kv_cache = cache
+        caches.append(cache)
+
+    # ---- prefetch hooks: entering stage s waits for its weights and prefetches stage s+1 ----
+    hooks = [layer.register_forward_pre_hook(_stage_hook(engine, i)) for i, layer in enumerate(model.model.layers)]
+    hooks.append(model.model.norm.register_forward_pre_hook(_stage_hook(engine, plan.model.layers)))
+    return OffloadHandle(model, plan, devices, engine, caches, stats, resident_bytes, hooks)
+
+
+def _stage_hook(engine: PrefetchEngine, stage: int):
+    def hook(module, args):
+        engine.enter(stage)
+    return hook

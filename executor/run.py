@@ -1,0 +1,267 @@
+"""Run a plan for real and compare what was measured with what the planner predicted.
+
+Greedy generation of `batch` random prompts: time to first token (prefill + first argmax),
+decode tokens/s, peak memory per device, achieved link bandwidth, and (with per-layer
+profiling) each stage's time beside its predicted time.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from planner.errors import PlanError
+from planner.plan import Plan, PredictedSummary, summarize
+from planner.spec import Workload
+
+from .model import Transformer, torch_dtype
+from .offload import OffloadHandle, apply_plan
+from .streams import Devices
+from .weights import check_checkpoint, load_checkpoint, synthetic_model
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    checkpoint: Path | None = None  # HF safetensors directory; None with synthetic=True
+    synthetic: bool = False
+    seed: int = 0
+    prompt: int | None = None  # override the plan's workload
+    gen: int | None = None
+    threads: int | None = None  # torch CPU threads; None = torch's default
+    profile_layers: bool = False
+    warmup_steps: int = 3
+    trace: bool = False  # record measured events for `--trace`
+
+
+@dataclass(frozen=True)
+class StageMeasure:
+    name: str
+    measured_s: float  # mean decode time of the stage, wall clock
+    predicted_s: float
+    cpu_s: float  # of which: cpu-computed linears (compute + transfers)
+    host_attention_s: float  # host part of hybrid attention (overlapped with device part)
+
+
+@dataclass(frozen=True)
+class Measured:
+    ttft_s: float
+    decode_step_s: float
+    decode_tokens_per_s: float
+    accelerator_peak_bytes: int  # CUDA: max allocated; loopback: offplan's accounted tensors
+    accelerator_peak_is_accounted: bool
+    host_peak_rss_bytes: int
+    streamed_bytes_per_step: float
+    link_busy_s_per_step: float
+    link_gbps: float  # achieved while copying (0 when nothing streams)
+    copy_wait_s_per_step: float  # compute time lost waiting for streamed weights
+    cpu_linear_s_per_step: float
+    tokens: tuple[tuple[int, ...], ...]  # generated tokens per sequence
+    stages: tuple[StageMeasure, ...] = ()
+    events: tuple = ()  # planner.trace.Event tuples when tracing
+
+
+@dataclass(frozen=True)
+class RunReport:
+    plan: Plan
+    workload: Workload
+    predicted: PredictedSummary
+    measured: Measured
+    device: str
+
+    def comparisons(self) -> list[tuple[str, float, float, str]]:
+        """(metric, predicted, measured, unit) rows of the measured-vs-predicted table."""
+        p, m = self.predicted, self.measured
+        rows = [("time to first token", p.ttft_s, m.ttft_s, "s"),
+                ("decode step", p.decode_step_s, m.decode_step_s, "s"),
+                ("decode tokens/s", p.decode_tokens_per_s, m.decode_tokens_per_s, "tok/s"),
+                ("accelerator memory", float(_planned_vram(p)), float(m.accelerator_peak_bytes), "bytes")]
+        streamed = sum(s.decode_link_s for s in p.stages)
+        if streamed > 0:
+            rows.append(("link busy per step", streamed, m.link_busy_s_per_step, "s"))
+        return rows
+
+
+def _planned_vram(p: PredictedSummary) -> int:
+    v = p.vram
+    return v.weights_bytes + v.kv_bytes + v.buffer_bytes + v.draft_bytes
+
+
+def error_pct(predicted: float, measured: float) -> float:
+    """Signed error of the prediction relative to the measurement, in percent."""
+    return 100.0 * (predicted - measured) / measured if measured else float("nan")
+
+
+def check_runnable(plan: Plan, devices: Devices) -> None:
+    """Refuse a plan made for hardware this machine does not have (DESIGN §7)."""
+    loopback = plan.profile.accelerator.loopback
+    if loopback and devices.cuda:
+        raise PlanError(f"the plan was made for the loopback profile {plan.profile.name!r} but this machine has "
+                        f"CUDA device {torch.cuda.get_device_name()}: run `offplan profile` and solve again")
+    if not loopback and not devices.cuda:
+        raise PlanError(f"the plan was made for {plan.profile.accelerator.name} but this machine has no CUDA "
+                        "device: run `offplan profile` here (it writes a loopback profile) and solve with "
+                        "--hw <that file>")
+    if plan.model.moe is not None:
+        raise PlanError("the executor does not run mixture-of-experts models yet (the planner does)")
+    if plan.model.quantization is not None:
+        raise PlanError("the executor runs quantized plans only with compensation (offplan run --compensate); "
+                        "plan the float model to run it plainly")
+
+
+def build_model(plan: Plan, options: RunOptions, progress: Progress) -> Transformer:
+    if options.checkpoint is not None:
+        check_checkpoint(options.checkpoint, plan.model)  # before any weight is read
+        progress(f"loading checkpoint {options.checkpoint}")
+        _, model = load_checkpoint(options.checkpoint, dtype=plan.model.dtype)
+        return model
+    if not options.synthetic:
+        raise PlanError("give --checkpoint DIR (a Hugging Face safetensors directory) or --synthetic")
+    progress(f"building synthetic weights for {plan.model.name} (seed {options.seed})")
+    return synthetic_model(plan.model, seed=options.seed)
+
+
+def _sync(devices: Devices) -> None:
+    if devices.cuda:
+        torch.cuda.synchronize()
+
+
+def run_plan(plan: Plan, options: RunOptions, progress: Progress = lambda _: None,
+             devices: Devices | None = None) -> RunReport:
+    devices = devices or Devices.detect()
+    check_runnable(plan, devices)
+    workload = replace(plan.workload, prompt=options.prompt or plan.workload.prompt,
+                       gen=options.gen or plan.workload.gen)
+    if workload != plan.workload:
+        plan = replace(plan, workload=workload)
+    predicted = summarize(plan.evaluate())
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    model = build_model(plan, options, progress)
+    handle = apply_plan(model, plan, devices, max_tokens=workload.context)
+    try:
+        measured = _measure(handle, workload, options, progress)
+    finally:
+        handle.close()
+    return RunReport(plan, workload, predicted, measured, str(devices.accelerator))
+
+
+def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress: Progress) -> Measured:
+    model, devices, engine = handle.model, handle.devices, handle.engine
+    generator = torch.Generator().manual_seed(options.seed)
+    prompt = torch.randint(0, model.spec.vocab, (wl.batch, wl.prompt), generator=generator).to(devices.accelerator)
+    timer = _StageTimer(handle) if options.profile_layers else None
+
+    progress("warming up")
+    warm = min(wl.prompt, 16)
+    _generate(handle, prompt[:, :warm], min(options.warmup_steps, wl.gen), None)
+    handle.reset_caches()
+    engine.reset_counters()
+    handle.linear_stats.cpu_s = handle.linear_stats.xfer_s = 0.0
+    if devices.cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    progress(f"prefill of {wl.batch}x{wl.prompt} tokens, then {wl.gen - 1} decode steps")
+    ttft_s, step_times, tokens, decode_counters = _generate(handle, prompt, wl.gen, timer)
+    steps = max(len(step_times), 1)
+    decode_s = sum(step_times)
+    copied_bytes, busy_s, wait_s, cpu_s = decode_counters
+    accounted = not devices.cuda
+    peak = handle.accelerator_bytes if accounted else torch.cuda.max_memory_allocated()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return Measured(
+        ttft_s=ttft_s, decode_step_s=decode_s / steps,
+        decode_tokens_per_s=wl.batch * len(step_times) / decode_s if decode_s else 0.0,
+        accelerator_peak_bytes=int(peak), accelerator_peak_is_accounted=accounted, host_peak_rss_bytes=int(rss),
+        streamed_bytes_per_step=copied_bytes / steps, link_busy_s_per_step=busy_s / steps,
+        link_gbps=copied_bytes / busy_s / 1e9 if busy_s > 0 else 0.0,
+        copy_wait_s_per_step=wait_s / steps, cpu_linear_s_per_step=cpu_s / steps,
+        tokens=tuple(tuple(int(t) for t in row) for row in tokens.tolist()),
+        stages=timer.summary(handle.plan, steps) if timer else ())
+
+
+def _generate(handle: OffloadHandle, prompt: torch.Tensor, gen: int, timer: "_StageTimer | None"):
+    """Greedy generation; returns (ttft_s, decode step times, tokens [batch, gen], decode counters)."""
+    model, devices, engine = handle.model, handle.devices, handle.engine
+    _sync(devices)
+    start = time.perf_counter()
+    handle.begin("prefill")
+    logits = model(prompt)  # [batch, prompt, vocab]
+    token = logits[:, -1].argmax(-1, keepdim=True)  # [batch, 1]
+    _sync(devices)
+    ttft_s = time.perf_counter() - start
+    out = [token]
+    engine.reset_counters()
+    cpu_before = handle.linear_stats.cpu_s + handle.linear_stats.xfer_s
+    handle.begin("decode")
+    if timer:
+        timer.start()
+    step_times = []
+    for _ in range(gen - 1):
+        step_start = time.perf_counter()
+        handle.begin("decode")
+        logits = model(token)  # [batch, 1, vocab]
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        _sync(devices)
+        step_times.append(time.perf_counter() - step_start)
+        out.append(token)
+    if timer:
+        timer.stop()
+    counters = (engine.bytes_copied, engine.copy_busy_s, engine.wait_s,
+                handle.linear_stats.cpu_s + handle.linear_stats.xfer_s - cpu_before)
+    return ttft_s, step_times, torch.cat(out, dim=1).cpu(), counters
+
+
+class _StageTimer:
+    """Forward hooks timing each decoder layer (and the head) during decode."""
+
+    def __init__(self, handle: OffloadHandle):
+        self.handle = handle
+        self.model = handle.model
+        self.totals: dict[int, float] = {}
+        self.hooks: list = []
+        self._begin: dict[int, float] = {}
+        self._host_attn_before: list[float] = []
+
+    def _pre(self, index: int):
+        def hook(module, args):
+            _sync(self.handle.devices)
+            self._begin[index] = time.perf_counter()
+        return hook
+
+    def _post(self, index: int):
+        def hook(module, args, output):
+            _sync(self.handle.devices)
+            self.totals[index] = self.totals.get(index, 0.0) + time.perf_counter() - self._begin[index]
+        return hook
+
+    def start(self) -> None:
+        modules = list(self.model.model.layers) + [self.model.lm_head]
+        for i, module in enumerate(modules):
+            self.hooks.append(module.register_forward_pre_hook(self._pre(i)))
+            self.hooks.append(module.register_forward_hook(self._post(i)))
+        self._host_attn_before = [getattr(c, "host_s", 0.0) for c in self.handle.caches]
+
+    def stop(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+    def summary(self, plan: Plan, steps: int) -> tuple[StageMeasure, ...]:
+        predicted = summarize(plan.evaluate()).stages
+        host_attn = [getattr(c, "host_s", 0.0) - b for c, b in zip(self.handle.caches, self._host_attn_before)]
+        rows = []
+        for i, stage in enumerate(predicted):
+            attn = host_attn[i] / steps if i < len(host_attn) else 0.0
+            rows.append(StageMeasure(stage.name, self.totals.get(i, 0.0) / steps, stage.decode_s, 0.0, attn))
+        return tuple(rows)
+
+
+def default_dtype(plan: Plan) -> torch.dtype:
+    return torch_dtype(plan.model.dtype)

@@ -1,0 +1,225 @@
+"""Devices, transfers and the double-buffered prefetch engine.
+
+Everything CUDA-specific (pinned memory, a side stream, events) is in the few small
+functions and branches below, each with a CPU twin used by the loopback profile (the CPU
+plays the accelerator, DESIGN §6): there the "link" is a real copy between separate
+buffers, done by a copy thread, so streaming overlaps compute as it would over PCIe.
+
+PyTorch semantics relied on (CUDA): a copy issued on a side stream with `non_blocking=True`
+from pinned memory runs asynchronously; `Event.record(stream)` marks its completion;
+`current_stream().wait_event(e)` makes later compute wait for it without blocking the host;
+the copy stream waits for an event recorded on the compute stream before it overwrites a
+buffer slot that compute may still be reading.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+_ALIGN_BYTES = 256  # slot offsets aligned for vectorised copies and matmuls
+
+
+@dataclass(frozen=True)
+class Devices:
+    accelerator: torch.device
+    host: torch.device
+
+    @property
+    def cuda(self) -> bool:
+        return self.accelerator.type == "cuda"
+
+    @staticmethod
+    def detect() -> "Devices":
+        if torch.cuda.is_available():
+            return Devices(torch.device("cuda", torch.cuda.current_device()), torch.device("cpu"))
+        return Devices(torch.device("cpu"), torch.device("cpu"))
+
+    def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host-memory copy of `tensor` (page-locked on CUDA, so h2d copies can be async)."""
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host, pin_memory=self.cuda)
+        out.copy_(tensor)
+        return out
+
+
+def to_host(x: torch.Tensor, devices: Devices) -> torch.Tensor:
+    """Device-to-host copy of an activation. CPU twin: a real copy into a fresh buffer, so
+    the loopback run pays for the transfer the plan charges for."""
+    if devices.cuda:
+        return x.to(devices.host)  # synchronous: the host needs the values now
+    return x.clone()
+
+
+def to_accelerator(x: torch.Tensor, devices: Devices) -> torch.Tensor:
+    if devices.cuda:
+        return x.pin_memory().to(devices.accelerator, non_blocking=True)
+    return x.clone()
+
+
+class _CudaCopier:
+    """Copies on a side stream; completion and slot reuse ordered by events."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.device = device
+
+    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+        freed = torch.cuda.Event()
+        freed.record(torch.cuda.current_stream(self.device))  # compute up to here is done with the slot
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(freed)
+            for dst, src in jobs:
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    @staticmethod
+    def wait(handle: torch.cuda.Event) -> None:
+        torch.cuda.current_stream().wait_event(handle)
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
+class _ThreadCopier:
+    """CPU twin: one copy thread; the stage that needs a slot waits for its future."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offplan-prefetch")
+        self.busy_s = 0.0
+        self.lock = threading.Lock()
+
+    def _run(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        start = time.perf_counter()
+        for dst, src in jobs:
+            dst.copy_(src)
+        with self.lock:
+            self.busy_s += time.perf_counter() - start
+
+    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> Future:
+        return self.pool.submit(self._run, jobs)
+
+    @staticmethod
+    def wait(handle: Future) -> None:
+        handle.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class PrefetchEngine:
+    """Double-buffered streaming of weights, stage by stage (stage = layer; the last stage is
+    the head). Entering stage s waits for its copy and issues the copy of the next stage
+    that streams anything into the other buffer slot, so the copy of s+1 overlaps compute of s.
+    Decode is cyclic: the head prefetches layer 0 of the next step."""
+
+    def __init__(self, devices: Devices):
+        self.devices = devices
+        self.phase = "decode"
+        self._sources: dict[str, torch.Tensor] = {}  # tensor name -> host weight
+        self._stage_members: dict[str, dict[int, list[str]]] = {"prefill": {}, "decode": {}}
+        self._slots: list[torch.Tensor] = []  # two flat uint8 buffers on the accelerator
+        self._views: dict[str, torch.Tensor] = {}  # tensor name -> its view in the current slot
+        self._pending: dict[int, tuple[object, int]] = {}  # stage -> (copy handle, bytes)
+        self._next_slot = 0
+        self._copier = _CudaCopier(devices.accelerator) if devices.cuda else _ThreadCopier()
+        self.bytes_copied = 0
+        self.wait_s = 0.0  # compute time lost waiting for copies
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def register(self, name: str, stage: int, host_weight: torch.Tensor, phases: tuple[str, ...]) -> None:
+        self._sources[name] = host_weight
+        for phase in phases:
+            self._stage_members[phase].setdefault(stage, []).append(name)
+
+    def _stage_bytes(self, names: list[str]) -> int:
+        total = 0
+        for name in names:
+            w = self._sources[name]
+            total += -(-w.numel() * w.element_size() // _ALIGN_BYTES) * _ALIGN_BYTES
+        return total
+
+    def allocate(self) -> None:
+        largest = max((self._stage_bytes(names) for stages in self._stage_members.values()
+                       for names in stages.values()), default=0)
+        self._slots = [torch.empty(largest, dtype=torch.uint8, device=self.devices.accelerator)
+                       for _ in range(2)] if largest else []
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(s.numel() for s in self._slots)
+
+    @property
+    def stages(self) -> list[int]:
+        return sorted(self._stage_members[self.phase])
+
+    # ---- running -----------------------------------------------------------------------------
+    def begin(self, phase: str) -> None:
+        """Start a forward pass: drain copies of the previous phase, prefetch the first stage."""
+        if phase != self.phase:
+            for handle, _ in self._pending.values():
+                self._copier.wait(handle)
+            self._pending.clear()
+            self.phase = phase
+        stages = self.stages
+        if stages and stages[0] not in self._pending:
+            self._issue(stages[0])
+
+    def enter(self, stage: int) -> None:
+        members = self._stage_members[self.phase]
+        if stage in members:
+            if stage not in self._pending:  # not prefetched (first pass after a phase change)
+                self._issue(stage)
+            start = time.perf_counter()
+            handle, n_bytes = self._pending.pop(stage)
+            self._copier.wait(handle)
+            self.wait_s += time.perf_counter() - start
+            self.bytes_copied += n_bytes  # counted when used: a last, unused prefetch is not
+        nxt = self._following(stage)
+        if nxt is not None and nxt not in self._pending:
+            self._issue(nxt)
+
+    def _following(self, stage: int) -> int | None:
+        stages = self.stages
+        later = [s for s in stages if s > stage]
+        if later:
+            return later[0]
+        return stages[0] if stages and self.phase == "decode" else None
+
+    def _issue(self, stage: int) -> None:
+        slot = self._slots[self._next_slot]
+        self._next_slot = 1 - self._next_slot
+        jobs, offset, n_total = [], 0, 0
+        for name in self._stage_members[self.phase][stage]:
+            src = self._sources[name]
+            n_bytes = src.numel() * src.element_size()
+            view = slot[offset:offset + n_bytes].view(src.dtype).view(src.shape)
+            self._views[name] = view
+            jobs.append((view, src))
+            offset += -(-n_bytes // _ALIGN_BYTES) * _ALIGN_BYTES
+            n_total += n_bytes
+        self._pending[stage] = (self._copier.issue(jobs), n_total)
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self._views[name]
+
+    @property
+    def copy_busy_s(self) -> float:
+        return getattr(self._copier, "busy_s", 0.0)
+
+    def reset_counters(self) -> None:
+        self.bytes_copied = 0
+        self.wait_s = 0.0
+        if isinstance(self._copier, _ThreadCopier):
+            self._copier.busy_s = 0.0
+
+    def close(self) -> None:
+        for handle, _ in self._pending.values():
+            self._copier.wait(handle)
+        self._pending.clear()
+        self._copier.close()

@@ -1,0 +1,415 @@
+"""Discrete-event simulation of a plan: every op, copy and transfer as an event on the
+resources that really run concurrently (DESIGN §4, "The simulator").
+
+Resources: `accelerator` (one in-order stream), the `h2d` and `d2h` link directions (each
+serves transfers first come, first served, so activations queue behind weight copies
+already issued), and `cpu` (`cpu_workers` threads). Within a stage ops run in execution
+order (elementwise, q, k, v, attention, o, gate, up, down; the head is the final norm,
+lm_head, argmax, then the next step's draft forwards and embedding), each waiting for the
+previous one; hybrid attention and compensation branches run their host side concurrently
+and join before the next op.
+
+Streaming: a stage's streamed weights are copied into one of `buffers` slots; the stage's
+first op waits for its whole copy, and a copy starts only once its slot is free (the stage
+that last used it has finished). With `prefetch="next-stage"` (the model of DESIGN §4 and
+the ILP) every stage takes the next slot in turn, so 2 buffers reproduce the ILP's
+per-stage max(compute, next copy) and 1 buffer never beats it. With `"next-streamed"`
+only stages that stream take slots, as executor/streams.py does: copies run ahead across
+stages that stream nothing, which the ILP does not credit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from functools import partial
+
+from .cost import (PathCost, Scenario, acc_op_s, compensation_branch, d2h_s, h2d_s, host_attention_s,
+                   mean_host_tokens)
+from .errors import OffplanError
+from .hardware import HardwareProfile
+from .placement import Placement, check_placement
+from .plan import Plan
+from .predict import chosen_options, find_option, option_tables, predict
+from .spec import TensorSpec
+
+RESOURCES = ("accelerator", "h2d", "d2h", "cpu")
+PHASES = ("prefill", "decode", "draft")
+PREFETCH_MODES = ("next-stage", "next-streamed")
+STREAM_PREFIX = "stream "  # event names of weight copies: "stream layers.3.mlp.up_proj"
+KINDS = ("compute", "stream", "transfer", "cpu")
+
+
+class SimulationError(OffplanError):
+    """A simulation option is out of range."""
+
+
+@dataclass(frozen=True)
+class Event:
+    resource: str  # accelerator | h2d | d2h | cpu
+    name: str
+    start_s: float
+    end_s: float
+    stage: str  # "layer 3", "head", "draft"
+    phase: str  # prefill | decode | draft
+
+
+def event_kind(event: Event) -> str:
+    """compute | stream | transfer | cpu: what an event spends its resource on."""
+    return _kind(event.resource, event.name)
+
+
+def _kind(resource: str, name: str) -> str:
+    if resource == "accelerator":
+        return "compute"
+    if resource == "cpu":
+        return "cpu"
+    return "stream" if name.startswith(STREAM_PREFIX) else "transfer"
+
+
+@dataclass(frozen=True)
+class SimResult:
+    events: tuple[Event, ...]  # prefill from t=0, then decode steps back to back
+    decode_step_s: float  # steady state
+    prefill_s: float
+    busy_fraction: dict[str, float]  # resource -> share of the steady decode step it is busy
+    critical_path: tuple[str, ...]  # event names along the critical path of one decode step
+    ilp_decode_step_s: float
+    ilp_prefill_s: float
+    per_stage_diff_s: tuple[tuple[str, float], ...]  # stage -> simulated minus ILP (decode)
+    critical_by_kind_s: dict[str, float]  # seconds of that critical path per event kind
+    step_starts_s: tuple[float, ...]  # start of layer 0 of decode steps 0..n (window k = [s_k, s_k+1))
+    buffers: int = 2
+    cpu_workers: int = 1
+    prefetch: str = "next-stage"
+
+    @property
+    def decode_bound(self) -> str:
+        """The event kind holding most of the decode step's critical path."""
+        return max(self.critical_by_kind_s, key=self.critical_by_kind_s.get)
+
+
+# ---- cost pieces cost.py only exposes merged -------------------------------------------------
+
+def matmul_rows(scn: Scenario, t: TensorSpec, phase: str) -> int:
+    """Rows through `t`: prefill runs lm_head on the last position of each sequence only."""
+    if phase != "prefill":
+        return scn.decode_rows
+    return scn.workload.batch if t.group == "head" else scn.prefill_rows
+
+
+def activation_transfer_s(scn: Scenario, t: TensorSpec, rows: int) -> tuple[float, float]:
+    """(d2h of the input [rows, cols], h2d of the output [rows, rows_out]) around host work on `t`."""
+    return (d2h_s(scn.profile, rows * t.cols * scn.act_bytes), h2d_s(scn.profile, rows * t.rows * scn.act_bytes))
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """One layer's decode attention, piece by piece (cost.attention_decode sums these)."""
+
+    device_s: float  # accelerator, over device-resident keys
+    q_down_s: float  # d2h of q
+    host_s: float  # host attention over host-resident keys
+    out_up_s: float  # h2d of O_c and L_c
+    merge_s: float  # log-sum-exp merge on the accelerator
+
+
+def attention_decode_parts(scn: Scenario, host_fraction: float) -> AttentionParts:
+    spec, wl = scn.spec, scn.workload
+    start, end = float(wl.prompt), float(wl.prompt + wl.gen)
+    host_tokens = mean_host_tokens(host_fraction * wl.context, start, end)
+    device_tokens = (start + end) / 2.0 - host_tokens
+    rows = scn.decode_rows
+    flops_per_key = 4.0 * spec.heads * spec.head_dim * rows
+    kv_per_key = wl.batch * spec.kv_bytes_per_token_layer
+    device_s = 0.0
+    if device_tokens > 0 or host_tokens == 0:
+        device_s = acc_op_s(scn.profile, scn.compute_dtype, flops_per_key * device_tokens, kv_per_key * device_tokens)
+    if host_fraction == 0:
+        return AttentionParts(device_s, 0.0, 0.0, 0.0, 0.0)
+    q_bytes = rows * spec.heads * spec.head_dim * scn.act_bytes
+    out_bytes = rows * spec.heads * (spec.head_dim + 1) * 4  # O_c and L_c in fp32
+    host_s = host_attention_s(scn.profile, spec.dtype, flops_per_key * host_tokens, kv_per_key * host_tokens)
+    merge_s = scn.profile.accelerator.op_overhead_s * 2 if device_tokens > 0 else 0.0
+    return AttentionParts(device_s, d2h_s(scn.profile, q_bytes), host_s, h2d_s(scn.profile, out_bytes), merge_s)
+
+
+# ---- op templates ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Op:
+    resource: str
+    name: str
+    duration_s: float
+    stage: str
+    phase: str
+
+
+Step = tuple[tuple[_Op, ...], ...]  # concurrent branches, each a chain; the next step waits for all
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One slot of the prefetch schedule: the weight copies it waits for, then its steps."""
+
+    copies: tuple[_Op, ...]
+    steps: tuple[Step, ...]
+
+
+class _Builder:
+    """Turns the chosen options of a plan into op templates, phase by phase."""
+
+    def __init__(self, scn: Scenario, placement: Placement):
+        self.scn = scn
+        self.tables = option_tables(scn)
+        self.tensor, self.kv = chosen_options(self.tables, placement)
+        self.prediction = predict(self.tables, self.tensor, self.kv)
+
+    def tensor_steps(self, t: TensorSpec, phase: str, stage: str) -> list[Step]:
+        opt = self.tensor[t.name]
+        cost: PathCost = getattr(opt, phase)
+        op = partial(_Op, stage=stage, phase=phase)
+        on_acc = opt.device != "cpu" or (phase == "prefill" and opt.prefill_streamed)
+        if t.group == "embed":
+            if on_acc:
+                return [((op("accelerator", t.name, cost.acc_s),),)]
+            return [((op("cpu", t.name, cost.cpu_s), op("h2d", f"{t.name} rows", cost.xfer_s)),)]
+        rows = matmul_rows(self.scn, t, phase)
+        down_s, up_s = activation_transfer_s(self.scn, t, rows)
+        if not on_acc:
+            return [((op("d2h", f"{t.name} x", down_s), op("cpu", t.name, cost.cpu_s),
+                      op("h2d", f"{t.name} out", up_s)),)]
+        if opt.rank == 0:
+            return [((op("accelerator", t.name, cost.acc_s),),)]
+        plain = getattr(find_option(self.tables.tensor[t.name], opt.device, False, 0, t.name), phase)
+        branch = compensation_branch(self.scn, t, opt.rank, rows)
+        return [((op("accelerator", t.name, plain.acc_s),),
+                 (op("d2h", f"{t.name} x", down_s), op("cpu", f"{t.name} branch r{opt.rank}", branch.cpu_s),
+                  op("h2d", f"{t.name} correction", up_s)))]
+
+    def attention_steps(self, layer: int, phase: str, stage: str) -> list[Step]:
+        op = partial(_Op, stage=stage, phase=phase)
+        name, kv = f"layers.{layer}.attention", self.kv[layer]
+        if phase == "prefill":  # on the accelerator, then the host share of the new K/V goes down
+            steps = [((op("accelerator", name, kv.prefill.acc_s),),)]
+            return steps + ([((op("d2h", f"layers.{layer}.kv to host", kv.prefill.xfer_s),),)]
+                            if kv.prefill.xfer_s > 0 else [])
+        p = attention_decode_parts(self.scn, kv.host_fraction)
+        if kv.host_fraction == 0:
+            return [((op("accelerator", name, p.device_s),),)]
+        host = (op("d2h", f"{name} q", p.q_down_s), op("cpu", f"{name} host", p.host_s),
+                op("h2d", f"{name} O,L", p.out_up_s))
+        if p.merge_s == 0:  # every key on the host: no device part, no merge
+            return [(host,)]
+        return [((op("accelerator", name, p.device_s),), host), ((op("accelerator", f"{name} merge", p.merge_s),),)]
+
+    def copies(self, tensors, phase: str, stage: str) -> tuple[_Op, ...]:
+        link = "decode_link_s" if phase == "decode" else "prefill_link_s"
+        return tuple(_Op("h2d", STREAM_PREFIX + t.name, getattr(self.tensor[t.name], link), stage, phase)
+                     for t in tensors if getattr(self.tensor[t.name], link) > 0)
+
+    def layer_unit(self, layer: int, phase: str) -> _Unit:
+        stage, tensors = f"layer {layer}", self.scn.spec.layer_tensors(layer)
+        fixed = (self.tables.fixed_decode if phase == "decode" else self.tables.fixed_prefill)[stage]
+        steps: list[Step] = [((_Op("accelerator", f"layers.{layer}.elementwise", fixed.acc_s, stage, phase),),)]
+        for t in tensors:
+            if t.kind == "o_proj":
+                steps += self.attention_steps(layer, phase, stage)
+            steps += self.tensor_steps(t, phase, stage)
+        return _Unit(self.copies(tensors, phase, stage), tuple(steps))
+
+    def head_tail(self, phase: str) -> tuple[tuple[_Op, ...], list[Step]]:
+        """Copies and steps of the head after the last layer: lm_head, final norm and argmax."""
+        head = self.tables.stages[-1]
+        fixed = (self.tables.fixed_decode if phase == "decode" else self.tables.fixed_prefill)["head"]
+        steps = [s for t in head.tensors if t.group == "head" for s in self.tensor_steps(t, phase, "head")]
+        steps.append(((_Op("accelerator", "norm+argmax", fixed.acc_s, "head", phase),),))
+        return self.copies(head.tensors, phase, "head"), steps
+
+    def step_start(self, phase: str) -> list[Step]:
+        """Draft forwards (decode) or the draft's prefill, then the embedding lookup."""
+        pred, steps = self.prediction, []
+        gamma = self.scn.gamma if self.scn.draft is not None else 0
+        if phase == "decode" and gamma:
+            steps += [((_Op("accelerator", f"draft forward {i + 1}/{gamma}", pred.draft_step_s / gamma,
+                            "draft", "draft"),),) for i in range(gamma)]
+        if phase == "prefill" and pred.draft_prefill_s > 0:
+            steps.append(((_Op("accelerator", "draft prefill", pred.draft_prefill_s, "draft", "draft"),),))
+        embed = [t for t in self.tables.stages[-1].tensors if t.group == "embed"]
+        return steps + [s for t in embed for s in self.tensor_steps(t, phase, "head")]
+
+    def units(self, decode_steps: int) -> tuple[list[_Unit], int, list[int]]:
+        """Prefill then decode steps 0..decode_steps, as one sequence of units; also the index
+        of the last prefill unit and of each decode step's layer-0 unit."""
+        layers = {ph: [self.layer_unit(i, ph) for i in range(self.scn.spec.layers)] for ph in ("prefill", "decode")}
+        tails = {ph: self.head_tail(ph) for ph in ("prefill", "decode")}
+        decode_start = self.step_start("decode")
+        units = [_Unit((), tuple(self.step_start("prefill"))), *layers["prefill"]]
+        prefill_last, anchors = len(units), []
+        copies, steps = tails["prefill"]
+        units.append(_Unit(copies, tuple(steps + decode_start)))
+        for k in range(decode_steps + 1):
+            anchors.append(len(units))
+            units += layers["decode"]
+            copies, steps = tails["decode"]
+            units.append(_Unit(copies, tuple(steps + (decode_start if k < decode_steps else []))))
+        return units, prefill_last, anchors
+
+
+# ---- the scheduler ---------------------------------------------------------------------------
+
+@dataclass
+class _Timeline:
+    ops: list[_Op]
+    deps: list[list[int]]
+    start: list[float]
+    end: list[float]
+    binding: list[int]  # the task whose end let this one start (-1: none)
+
+
+def _instantiate(units: list[_Unit], buffers: int, prefetch: str):
+    """Tasks with dependencies; per unit the task ids of each step (in program order)."""
+    ops, deps, steps_of, unit_end = [], [], [], []
+    streamed = [i for i, u in enumerate(units) if u.copies] if prefetch == "next-streamed" else list(range(len(units)))
+    slot_after = {u: streamed[k - buffers] for k, u in enumerate(streamed) if k >= buffers}
+    prev, last_acc = [], -1
+
+    def add(op: _Op, on: list[int]) -> int:
+        nonlocal last_acc
+        ops.append(op)
+        deps.append(on + ([last_acc] if op.resource == "accelerator" and last_acc >= 0 else []))
+        if op.resource == "accelerator":
+            last_acc = len(ops) - 1
+        return len(ops) - 1
+
+    for i, unit in enumerate(units):
+        free = unit_end[slot_after[i]] if i in slot_after else []
+        copy_ids = [add(op, list(free)) for op in unit.copies]
+        steps, first = [], True
+        for step in unit.steps:
+            ids, join = [], []
+            for branch in step:
+                on = prev + (copy_ids if first else [])
+                for op in branch:
+                    on = [add(op, on)]
+                    ids.append(on[0])
+                join += on
+            steps.append(ids)
+            prev, first = join, False
+        steps_of.append(steps)
+        unit_end.append(prev)
+    return ops, deps, steps_of
+
+
+def _schedule(ops: list[_Op], deps: list[list[int]], cpu_workers: int) -> _Timeline:
+    """Event-driven list scheduling: each resource serves its ready tasks in order of readiness."""
+    n = len(ops)
+    start, end, binding = [0.0] * n, [0.0] * n, [-1] * n
+    ready_at, last_dep, waiting = [0.0] * n, [-1] * n, [len(d) for d in deps]
+    dependents: list[list[int]] = [[] for _ in range(n)]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            dependents[d].append(i)
+    queues = {r: [] for r in RESOURCES}
+    idle = {r: [(w, -1) for w in range(cpu_workers if r == "cpu" else 1)] for r in RESOURCES}
+    for i in range(n):
+        if not waiting[i]:
+            heapq.heappush(queues[ops[i].resource], (0.0, i))
+    running: list[tuple[float, int, int]] = []
+    now, done = 0.0, 0
+    while done < n:
+        for r, queue in queues.items():
+            while queue and idle[r]:
+                ready, i = heapq.heappop(queue)
+                worker, previous = idle[r].pop()
+                start[i], end[i] = now, now + ops[i].duration_s
+                binding[i] = last_dep[i] if ready >= now else previous
+                heapq.heappush(running, (end[i], i, worker))
+        now = running[0][0]
+        while running and running[0][0] <= now:
+            _, i, worker = heapq.heappop(running)
+            idle[ops[i].resource].append((worker, i))
+            done += 1
+            for j in dependents[i]:
+                waiting[j] -= 1
+                if end[i] >= ready_at[j]:
+                    ready_at[j], last_dep[j] = end[i], i
+                if not waiting[j]:
+                    heapq.heappush(queues[ops[j].resource], (ready_at[j], j))
+    return _Timeline(ops, deps, start, end, binding)
+
+
+# ---- reading the timeline -------------------------------------------------------------------
+
+def _clipped_s(tl: _Timeline, i: int, lo: float, hi: float) -> float:
+    return max(0.0, min(tl.end[i], hi) - max(tl.start[i], lo))
+
+
+def _per_stage_s(tl: _Timeline, steps: list[list[int]], window_end: float) -> dict[str, float]:
+    """Time from the start of each step to the start of the next, summed by stage."""
+    starts = [min(tl.start[i] for i in ids) for ids in steps] + [window_end]
+    out: dict[str, float] = {}
+    for k, ids in enumerate(steps):
+        stage = tl.ops[ids[0]].stage
+        out[stage] = out.get(stage, 0.0) + starts[k + 1] - starts[k]
+    return out
+
+
+def _critical_path(tl: _Timeline, anchor: int, lo: float, hi: float) -> tuple[list[int], dict[str, float]]:
+    path, by_kind = [], dict.fromkeys(KINDS, 0.0)
+    i = tl.binding[anchor]
+    while i >= 0 and tl.end[i] > lo:
+        if tl.end[i] > tl.start[i]:
+            path.append(i)
+            by_kind[_kind(tl.ops[i].resource, tl.ops[i].name)] += _clipped_s(tl, i, lo, hi)
+        i = tl.binding[i]
+    return path[::-1], by_kind
+
+
+def simulate_plan(plan: Plan, profile: HardwareProfile | None = None, buffers: int = 2, cpu_workers: int = 1,
+                  decode_steps: int = 3, prefetch: str = "next-stage") -> SimResult:
+    """Simulate prefill and `decode_steps` decode steps of `plan` (on `profile`, default the plan's)."""
+    for name, value in (("buffers", buffers), ("cpu_workers", cpu_workers), ("decode_steps", decode_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise SimulationError(f"{name}: must be a whole number of at least 1, got {value!r}")
+    if prefetch not in PREFETCH_MODES:
+        raise SimulationError(f"prefetch: unknown {prefetch!r}; expected one of {', '.join(PREFETCH_MODES)}")
+    check_placement(plan.model, plan.placement)
+    builder = _Builder(plan.scenario(profile), plan.placement)
+    units, prefill_last, anchors = builder.units(decode_steps)
+    ops, deps, steps_of = _instantiate(units, buffers, prefetch)
+    tl = _schedule(ops, deps, cpu_workers)
+
+    def unit_start(u: int) -> float:
+        return min(tl.start[i] for i in steps_of[u][0])
+
+    s = [unit_start(u) for u in anchors]
+    n = decode_steps
+    step_s = (s[n] - s[1]) / (n - 1) if n >= 2 else s[1] - s[0]
+    lo, hi = s[n - 1], s[n]
+    window_steps = [ids for u in range(anchors[n - 1], anchors[n]) for ids in steps_of[u]]
+    pred = builder.prediction
+    sim_stage = _per_stage_s(tl, window_steps, hi)
+    ilp_stage = {st.name: st.decode_s for st in pred.stages}
+    if pred.draft_step_s > 0:
+        ilp_stage["draft"] = pred.draft_step_s
+    anchor_task = min(steps_of[anchors[n]][0], key=lambda i: tl.start[i])
+    path, by_kind = _critical_path(tl, anchor_task, lo, hi)
+    width = hi - lo
+    busy = {}
+    for r in RESOURCES:
+        total = sum(_clipped_s(tl, i, lo, hi) for i, op in enumerate(ops) if op.resource == r)
+        busy[r] = total / (width * (cpu_workers if r == "cpu" else 1)) if width > 0 else 0.0
+    events = tuple(Event(op.resource, op.name, tl.start[i], tl.end[i], op.stage, op.phase)
+                   for i, op in enumerate(ops) if tl.end[i] > tl.start[i] and tl.start[i] < hi)
+    prefill_end = max(tl.end[i] for ids in steps_of[prefill_last] for i in ids
+                      if tl.ops[i].phase == "prefill")
+    return SimResult(
+        events=tuple(sorted(events, key=lambda e: (e.start_s, RESOURCES.index(e.resource)))),
+        decode_step_s=step_s, prefill_s=prefill_end, busy_fraction=busy,
+        critical_path=tuple(tl.ops[i].name for i in path),
+        ilp_decode_step_s=pred.decode_step_s, ilp_prefill_s=pred.prefill_s,
+        per_stage_diff_s=tuple((name, sim_stage.get(name, 0.0) - ilp) for name, ilp in ilp_stage.items()),
+        critical_by_kind_s=by_kind, step_starts_s=tuple(s), buffers=buffers, cpu_workers=cpu_workers,
+        prefetch=prefetch)

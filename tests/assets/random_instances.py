@@ -1,0 +1,150 @@
+"""Random small planning problems for the planner tests: tiny models, made-up machines whose
+memory is chosen so the problem is tight, and brute force over every option combination.
+
+Import as `from assets.random_instances import ...` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, replace
+
+from planner.cost import Scenario
+from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source
+from planner.predict import OptionTables, Prediction, option_tables, predict
+from planner.spec import ModelSpec, Quantization, Workload
+
+GIB = 2**30
+
+
+def random_spec(rng: random.Random, layers: int | None = None, ffn: str | None = None) -> ModelSpec:
+    """A tiny Llama-family model: 1-3 layers, random GQA shape, sometimes tied or quantized."""
+    head_dim = rng.choice((8, 16))
+    heads = rng.choice((2, 4, 8))
+    kv_heads = rng.choice([d for d in range(1, heads + 1) if heads % d == 0])
+    quantized = rng.random() < 0.35
+    return ModelSpec(
+        name=f"rand-{rng.randrange(10**6)}", family="llama", layers=layers or rng.randint(1, 3),
+        hidden=heads * head_dim, intermediate=rng.choice((48, 96, 160, 256)), heads=heads, kv_heads=kv_heads,
+        vocab=rng.choice((64, 128, 320)), tied_embeddings=rng.random() < 0.3,
+        ffn=ffn or rng.choice(("swiglu", "plain")), dtype=rng.choice(("fp32", "bf16")),
+        quantization=Quantization(bits=rng.choice((4, 8)), group_size=32) if quantized else None,
+        max_context=4096)
+
+
+def random_workload(rng: random.Random) -> Workload:
+    return Workload(batch=rng.choice((1, 1, 2)), prompt=rng.choice((8, 32, 96)), gen=rng.choice((4, 16, 64)))
+
+
+def _log_uniform(rng: random.Random, low: float, high: float) -> float:
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def random_profile(rng: random.Random, vram_bytes: int = 64 * GIB, host_bytes: int = 64 * GIB) -> HardwareProfile:
+    """A made-up machine. Rates are scaled down so tiny tensors cost about as much to move or
+    compute as the fixed per-operator overheads: every resource matters to the optimum."""
+    curve = ()
+    if rng.random() < 0.5:
+        curve = ((1024.0, _log_uniform(rng, 0.02, 0.2)), (65536.0, _log_uniform(rng, 0.2, 1.0)))
+    acc = Accelerator(name="rand-acc", memory_bytes=vram_bytes, mem_bw_gbps=_log_uniform(rng, 1.0, 20.0),
+                      flops_tflops={"bf16": _log_uniform(rng, 0.01, 0.5), "fp32": _log_uniform(rng, 0.005, 0.2)},
+                      gemv_efficiency=rng.uniform(0.5, 1.0), matmul_efficiency=rng.uniform(0.5, 1.0),
+                      op_overhead_s=_log_uniform(rng, 1e-7, 5e-6))
+    link = Link(h2d_gbps=_log_uniform(rng, 0.1, 2.0), d2h_gbps=_log_uniform(rng, 0.1, 2.0),
+                latency_s=_log_uniform(rng, 1e-7, 5e-6), h2d_curve=curve)
+    host = Host(name="rand-host", cores=4, memory_bytes=host_bytes, mem_bw_gbps=_log_uniform(rng, 0.3, 5.0),
+                flops_tflops={"fp32": _log_uniform(rng, 0.001, 0.05)}, gemv_efficiency=rng.uniform(0.5, 1.0),
+                matmul_efficiency=rng.uniform(0.5, 1.0), op_overhead_s=_log_uniform(rng, 1e-7, 5e-6),
+                attention_gbps=rng.choice((0.0, _log_uniform(rng, 0.3, 5.0))))
+    return HardwareProfile(name="random", accelerator=acc, link=link, host=host, source=Source("datasheet"))
+
+
+def memory_span(tables: OptionTables) -> tuple[int, int, int, int]:
+    """(least, most) accelerator bytes and (least, most) host bytes any choice can need."""
+    scn = tables.scenario
+    fixed_vram = scn.spec.norm_bytes + tables_workspace(tables)
+    lo_v = hi_v = fixed_vram
+    lo_h = hi_h = 0
+    for options in tables.tensor.values():
+        lo_v += min(o.vram_bytes for o in options)
+        hi_v += max(o.vram_bytes + 2 * o.buffer_bytes for o in options)
+        lo_h += min(o.host_bytes + o.comp_bytes for o in options)
+        hi_h += max(o.host_bytes + o.comp_bytes for o in options)
+    n = scn.spec.layers
+    lo_v += n * min(o.vram_bytes for o in tables.kv)
+    hi_v += n * max(o.vram_bytes for o in tables.kv)
+    lo_h += n * min(o.host_bytes for o in tables.kv)
+    hi_h += n * max(o.host_bytes for o in tables.kv)
+    return lo_v, hi_v, lo_h, hi_h
+
+
+def tables_workspace(tables: OptionTables) -> int:
+    from planner.cost import acc_workspace_bytes, draft_vram_bytes
+    return acc_workspace_bytes(tables.scenario) + draft_vram_bytes(tables.scenario)
+
+
+def with_memory(profile: HardwareProfile, vram_bytes: int, host_bytes: int) -> HardwareProfile:
+    return replace(profile, accelerator=replace(profile.accelerator, memory_bytes=vram_bytes),
+                   host=replace(profile.host, memory_bytes=host_bytes))
+
+
+@dataclass(frozen=True)
+class Instance:
+    scenario: Scenario
+    tables: OptionTables
+
+
+def tight_instance(rng: random.Random, spec: ModelSpec | None = None, workload: Workload | None = None,
+                   host_tight: bool | None = None, **scenario_fields) -> Instance:
+    """A random problem whose accelerator memory holds only part of the model (so some weights
+    or KV must leave it) and, sometimes, whose host memory is tight too."""
+    spec = spec or random_spec(rng)
+    workload = workload or random_workload(rng)
+    profile = random_profile(rng)
+    loose = Scenario(spec, profile, workload, **scenario_fields)
+    from planner.cost import host_staging_bytes
+    lo_v, hi_v, lo_h, hi_h = memory_span(option_tables(loose))
+    vram = int(lo_v + rng.uniform(0.15, 0.85) * (hi_v - lo_v))
+    host_tight = rng.random() < 0.5 if host_tight is None else host_tight
+    staging = host_staging_bytes(loose)
+    host = int(staging + lo_h + rng.uniform(0.3, 0.9) * (hi_h - lo_h)) if host_tight else 64 * GIB
+    scn = replace(loose, profile=with_memory(profile, vram, host))
+    return Instance(scn, option_tables(scn))
+
+
+def restrict(tables: OptionTables, rng: random.Random, budget: int, kv_levels: int = 2) -> OptionTables:
+    """The same tables with a random subset of each item's options, so that brute force over
+    every combination stays within `budget`. The ILP accepts such tables unchanged."""
+    kv = sorted(rng.sample(tables.kv, min(kv_levels, len(tables.kv))), key=lambda o: o.host_fraction)
+    keep = {name: rng.sample(range(len(opts)), rng.randint(1, len(opts))) for name, opts in tables.tensor.items()}
+    while len(kv) ** tables.scenario.spec.layers * math.prod(len(k) for k in keep.values()) > budget:
+        widest = max(keep, key=lambda name: (len(keep[name]), rng.random()))
+        keep[widest].pop()
+    tensor = {name: [tables.tensor[name][k] for k in sorted(keep[name])] for name in tables.tensor}
+    return replace(tables, tensor=tensor, kv=kv)
+
+
+def n_combinations(tables: OptionTables) -> int:
+    n = len(tables.kv) ** tables.scenario.spec.layers
+    for options in tables.tensor.values():
+        n *= len(options)
+    return n
+
+
+def brute_force(tables: OptionTables, quality: float | None = None) -> Prediction | None:
+    """The fastest feasible combination of options, by enumerating them all (None if none fits)."""
+    names = list(tables.tensor)
+    best = None
+    layers = tables.scenario.spec.layers
+    for kv in itertools.product(tables.kv, repeat=layers):
+        for combo in itertools.product(*(tables.tensor[n] for n in names)):
+            prediction = predict(tables, dict(zip(names, combo)), list(kv))
+            if not prediction.fits:
+                continue
+            if quality is not None and prediction.recovered_error < quality - 1e-12:
+                continue
+            if best is None or prediction.total_s < best.total_s:
+                best = prediction
+    return best
