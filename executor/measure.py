@@ -1,4 +1,5 @@
-"""Timing kernels for the profiler: each returns the median time of several timed runs.
+"""What the profiler times, how, and the figures it derives: kernels return the median
+time of several timed runs after warm-up; `measure_all` runs a whole sweep.
 
 Every kernel runs on a torch device: a CUDA device, or the CPU (the loopback accelerator
 and the host). Timing on CUDA uses `torch.cuda.Event`s recorded on the current stream
@@ -34,7 +35,6 @@ MAX_SLOTS = 1024
 # The smallest spread stored: timer resolution makes anything below it meaningless.
 MIN_SPREAD = 1e-4
 
-KIB, MIB, GIB = 2**10, 2**20, 2**30
 TINY_COPY_BYTES = 256  # a transfer whose time is all latency
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CPU_DTYPES = ("fp32", "bf16")  # fp16 matmul on CPUs is a slow emulated path nothing uses
@@ -73,13 +73,6 @@ def _cpu_synchronize(device: torch.device) -> None:
     """CPU twin: torch CPU operators have finished when they return."""
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda" and torch.cuda.is_available():
-        _cuda_synchronize(device)
-    else:
-        _cpu_synchronize(device)
-
-
 def _cuda_elapsed_s(fn: Callable[[], object], calls: int) -> float:
     """Device time of `calls` back-to-back calls, between two events on the current stream."""
     start = torch.cuda.Event(enable_timing=True)
@@ -105,7 +98,7 @@ def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repea
     cuda = device.type == "cuda" and torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    synchronize(device)
+    (_cuda_synchronize if cuda else _cpu_synchronize)(device)
     samples_s = []
     for _ in range(repeats):
         elapsed_s = _cuda_elapsed_s(fn, calls) if cuda else _cpu_elapsed_s(fn, calls)
@@ -191,17 +184,17 @@ def op_overhead_timing(device: torch.device, calls: int, warmup: int, repeats: i
     return time_runs(lambda: torch.matmul(a, b, out=out), device, warmup, repeats, calls)
 
 
-def attention_kv_bytes(s: Settings) -> int:
-    """Bytes of K and V one decode attention reads for one sequence."""
+def attention_kv_bytes(tokens: int) -> int:
+    """Bytes of K and V one decode attention (ATTENTION_SHAPE) reads for one sequence."""
     kv_heads, _, head_dim = ATTENTION_SHAPE
-    return 2 * kv_heads * s.attention_tokens * head_dim * DTYPES[ATTENTION_DTYPE].itemsize
+    return 2 * kv_heads * tokens * head_dim * DTYPES[ATTENTION_DTYPE].itemsize
 
 
-def attention_timing(device: torch.device, dtype: str, kv_heads: int, group: int, head_dim: int,
-                     tokens: int, warmup: int, repeats: int) -> Timing:
+def attention_timing(device: torch.device, tokens: int, warmup: int, repeats: int) -> Timing:
     """One decode token's attention over a KV cache of `tokens`, returning output and
     log-sum-exp (what the hybrid attention merges), grouped-query layout."""
-    tdt = DTYPES[dtype]
+    kv_heads, group, head_dim = ATTENTION_SHAPE
+    tdt = DTYPES[ATTENTION_DTYPE]
     scale = 1.0 / math.sqrt(head_dim)
     q = torch.randn(kv_heads, group, head_dim, device=device, dtype=tdt)  # [kv_heads, group, head_dim]
     k = torch.randn(kv_heads, tokens, head_dim, device=device, dtype=tdt)  # [kv_heads, tokens, head_dim]
@@ -233,11 +226,13 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class GpuTarget:
-    """The CUDA device to time, what it computes in, and a copy size that fits in it."""
+class Target:
+    """A device whose compute is timed, under a key prefix (`accelerator` or `host`)."""
+    prefix: str
     device: torch.device
     dtypes: tuple[str, ...]
-    copy_bytes: int
+    gemm_shapes: tuple[tuple[int, int, int], ...]
+    copy_bytes: int  # two buffers of this size must fit on the device
 
 
 # ---- figures derived from timings -----------------------------------------------------------
@@ -292,95 +287,18 @@ class Compute:
         return out
 
 
-# ---- what to time --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Step:
-    key: str
-    label: str
-    run: Callable[[], Timing]
-
-
-def measure_all(s: Settings, gpu: GpuTarget | None, report: Progress) -> dict[str, Timing]:
-    """Time everything a profile needs; keys name the step (`link.h2d.pinned.<size>`, ...)."""
-    return _run_steps(_plan(s, gpu), report)
-
-
-def _plan(s: Settings, gpu: GpuTarget | None) -> list[_Step]:
-    cpu = torch.device("cpu")
-    steps = _link_steps(gpu.device if gpu else cpu, s, (True, False) if gpu else (True,))
-    if gpu:
-        steps += _compute_steps("accelerator", gpu.device, s, gpu.dtypes, s.cuda_gemm_shapes,
-                                gpu.copy_bytes)
-    steps += _compute_steps("host", cpu, s, CPU_DTYPES, s.cpu_gemm_shapes, s.copy_bytes)
-    kv_heads, group, head_dim = ATTENTION_SHAPE
-    kv_bytes = attention_kv_bytes(s)
-    steps.append(_Step("host.attention", f"host attention over {fmt_bytes(kv_bytes)} of KV cache",
-                       functools.partial(attention_timing, cpu, ATTENTION_DTYPE, kv_heads,
-                                         group, head_dim, s.attention_tokens, s.warmup, s.repeats)))
-    return steps
-
-
-def _link_steps(device: torch.device, s: Settings, pinned_kinds: tuple[bool, ...]) -> list[_Step]:
-    steps = [_Step("link.latency", "link latency (tiny copies)",
-                   functools.partial(transfer_timing, device, TINY_COPY_BYTES, True, True,
-                                     s.warmup, s.repeats, s.latency_calls))]
-    for direction in ("h2d", "d2h"):
-        for pinned in pinned_kinds:
-            kind = "pinned" if pinned else "pageable"
-            for size in s.link_sizes_bytes:
-                steps.append(_Step(
-                    f"link.{direction}.{kind}.{size}", f"link {direction} {kind} {fmt_bytes(size)}",
-                    functools.partial(transfer_timing, device, size, direction == "h2d",
-                                      pinned, s.warmup, s.repeats)))
-    return steps
-
-
-def _compute_steps(prefix: str, device: torch.device, s: Settings, dtypes: tuple[str, ...],
-                   gemm_shapes: tuple[tuple[int, int, int], ...], copy_bytes: int) -> list[_Step]:
-    w, r = s.warmup, s.repeats
-    steps = [_Step(f"{prefix}.copy", f"{prefix} memory bandwidth ({fmt_bytes(copy_bytes)} copy)",
-                   functools.partial(copy_timing, device, copy_bytes, w, r))]
-    out_f, in_f = s.gemv_shape
-    for dt in dtypes:
-        for i, (m, k, n) in enumerate(gemm_shapes):
-            steps.append(_Step(f"{prefix}.gemm.{dt}.{i}", f"{prefix} {dt} matmul {m}x{k}x{n}",
-                               functools.partial(matmul_timing, device, dt, m, k, n, w, r)))
-        for batch in s.gemv_batches:
-            steps.append(_Step(f"{prefix}.gemv.{dt}.{batch}", f"{prefix} {dt} GEMV batch {batch}",
-                               functools.partial(linear_timing, device, dt, out_f, in_f,
-                                                 batch, w, r)))
-    steps.append(_Step(f"{prefix}.overhead", f"{prefix} per-operator overhead",
-                       functools.partial(op_overhead_timing, device, s.overhead_calls, w, r)))
-    return steps
-
-
-def _run_steps(steps: list[_Step], report: Progress) -> dict[str, Timing]:
-    """Runs each step, telling `report` what runs and the fraction of steps done."""
-    timings = {}
-    for i, step in enumerate(steps):
-        report(step.label, i / len(steps))
-        timings[step.key] = step.run()
-    report("done", 1.0)
-    return timings
-
-
-def compute_figures(prefix: str, timings: dict[str, Timing], s: Settings, copy_bytes: int,
-                    gemm_shapes: tuple[tuple[int, int, int], ...]) -> Compute:
-    """Rates from the timings of `_compute_steps(prefix, ...)` (copy_bytes: the size it used)."""
-    dtypes = [k.split(".")[2] for k in timings if k.startswith(f"{prefix}.gemv.") and k.endswith(".1")]
-    out_f, in_f = s.gemv_shape
+def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> Compute:
+    """Rates from the timings `measure_all` took for `target`."""
+    p, (out_f, in_f) = target.prefix, s.gemv_shape
     flops, gemv = {}, {}
-    for dt in dtypes:
-        rates = [Figure.rate(2 * m * k * n, timings[f"{prefix}.gemm.{dt}.{i}"], 1e12)
-                 for i, (m, k, n) in enumerate(gemm_shapes)]
+    for dt in target.dtypes:
+        rates = [Figure.rate(2 * m * k * n, timings[f"{p}.gemm.{dt}.{i}"], 1e12)
+                 for i, (m, k, n) in enumerate(target.gemm_shapes)]
         flops[dt] = max(rates, key=lambda f: f.value)
         weight_bytes = out_f * in_f * DTYPES[dt].itemsize
-        gemv[dt] = {b: Figure.rate(weight_bytes, timings[f"{prefix}.gemv.{dt}.{b}"], 1e9)
-                    for b in s.gemv_batches}
-    return Compute(mem_bw_gbps=Figure.rate(2 * copy_bytes, timings[f"{prefix}.copy"], 1e9),
-                   flops_tflops=flops, gemv_gbps=gemv,
-                   op_overhead_s=Figure.time(timings[f"{prefix}.overhead"]))
+        gemv[dt] = {b: Figure.rate(weight_bytes, timings[f"{p}.gemv.{dt}.{b}"], 1e9) for b in s.gemv_batches}
+    return Compute(mem_bw_gbps=Figure.rate(2 * target.copy_bytes, timings[f"{p}.copy"], 1e9),
+                   flops_tflops=flops, gemv_gbps=gemv, op_overhead_s=Figure.time(timings[f"{p}.overhead"]))
 
 
 def link_figures(timings: dict[str, Timing], s: Settings,
@@ -390,26 +308,79 @@ def link_figures(timings: dict[str, Timing], s: Settings,
     curves, spread = {}, {"link.latency_s": latency.spread}
     for direction in ("h2d", "d2h"):
         for kind in ("pinned", "pageable") if pageable_measured else ("pinned",):
-            points = []
-            for size in s.link_sizes_bytes:
-                t_s = timings[f"link.{direction}.{kind}.{size}"].median_s
-                points.append((float(size), sig(size / max(t_s - latency.value, t_s / 2) / 1e9)))
+            runs = [timings[f"link.{direction}.{kind}.{size}"] for size in s.link_sizes_bytes]
             field = f"{direction}_curve" if kind == "pinned" else f"{direction}_pageable_curve"
-            curves[field] = tuple(points)
-            spread[f"link.{field}"] = sig(max(timings[f"link.{direction}.{kind}.{size}"].spread
-                                             for size in s.link_sizes_bytes))
+            curves[field] = tuple(
+                (float(size), sig(size / max(t.median_s - latency.value, t.median_s / 2) / 1e9))
+                for size, t in zip(s.link_sizes_bytes, runs))
+            spread[f"link.{field}"] = sig(max(t.spread for t in runs))
+            if kind == "pinned":  # the asymptote: the largest size
+                spread[f"link.{direction}_gbps"] = sig(runs[-1].spread)
     if not pageable_measured:  # loopback: host memory is never pinned; one copy path
         curves["h2d_pageable_curve"], curves["d2h_pageable_curve"] = curves["h2d_curve"], curves["d2h_curve"]
-    largest = max(s.link_sizes_bytes)
-    spread["link.h2d_gbps"] = timings[f"link.h2d.pinned.{largest}"].spread
-    spread["link.d2h_gbps"] = timings[f"link.d2h.pinned.{largest}"].spread
     link = Link(h2d_gbps=curves["h2d_curve"][-1][1], d2h_gbps=curves["d2h_curve"][-1][1],
                 latency_s=latency.value, **curves)
-    return link, {k: sig(v) for k, v in spread.items()}
-
-
+    return link, spread
 
 
 def attention_figure(timings: dict[str, Timing], s: Settings) -> Figure:
     """KV bytes scanned per second by one decode token's CPU attention."""
-    return Figure.rate(attention_kv_bytes(s), timings["host.attention"], 1e9)
+    return Figure.rate(attention_kv_bytes(s.attention_tokens), timings["host.attention"], 1e9)
+
+
+# ---- the sweep -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Step:
+    key: str
+    label: str
+    run: Callable[[], Timing]
+
+
+def measure_all(s: Settings, link_device: torch.device, pageable: bool, targets: tuple[Target, ...],
+                report: Progress) -> dict[str, Timing]:
+    """Times the link to `link_device`, each target's compute and CPU attention; keys name the
+    step (`link.h2d.pinned.<bytes>`, `host.gemm.bf16.0`, ...). `report(step, fraction_done)`."""
+    steps = _link_steps(link_device, s, (True, False) if pageable else (True,))
+    for target in targets:
+        steps += _compute_steps(target, s)
+    cpu, kv_bytes = torch.device("cpu"), attention_kv_bytes(s.attention_tokens)
+    steps.append(_Step("host.attention", f"host attention over {fmt_bytes(kv_bytes)} of KV cache",
+                       functools.partial(attention_timing, cpu, s.attention_tokens, s.warmup, s.repeats)))
+    timings = {}
+    for i, step in enumerate(steps):
+        report(step.label, i / len(steps))
+        timings[step.key] = step.run()
+    report("done", 1.0)
+    return timings
+
+
+def _link_steps(device: torch.device, s: Settings, pinned_kinds: tuple[bool, ...]) -> list[_Step]:
+    steps = [_Step("link.latency", "link latency (tiny copies)",
+                   functools.partial(transfer_timing, device, TINY_COPY_BYTES, True, True,
+                                     s.warmup, s.repeats, s.latency_calls))]
+    for direction in ("h2d", "d2h"):
+        for pinned in pinned_kinds:
+            kind = "pinned" if pinned else "pageable"
+            steps += [_Step(f"link.{direction}.{kind}.{size}", f"link {direction} {kind} {fmt_bytes(size)}",
+                            functools.partial(transfer_timing, device, size, direction == "h2d",
+                                              pinned, s.warmup, s.repeats))
+                      for size in s.link_sizes_bytes]
+    return steps
+
+
+def _compute_steps(target: Target, s: Settings) -> list[_Step]:
+    p, dev, w, r = target.prefix, target.device, s.warmup, s.repeats
+    out_f, in_f = s.gemv_shape
+    steps = [_Step(f"{p}.copy", f"{p} memory bandwidth ({fmt_bytes(target.copy_bytes)} copy)",
+                   functools.partial(copy_timing, dev, target.copy_bytes, w, r))]
+    for dt in target.dtypes:
+        steps += [_Step(f"{p}.gemm.{dt}.{i}", f"{p} {dt} matmul {m}x{k}x{n}",
+                        functools.partial(matmul_timing, dev, dt, m, k, n, w, r))
+                  for i, (m, k, n) in enumerate(target.gemm_shapes)]
+        steps += [_Step(f"{p}.gemv.{dt}.{b}", f"{p} {dt} GEMV batch {b}",
+                        functools.partial(linear_timing, dev, dt, out_f, in_f, b, w, r))
+                  for b in s.gemv_batches]
+    steps.append(_Step(f"{p}.overhead", f"{p} per-operator overhead",
+                       functools.partial(op_overhead_timing, dev, s.overhead_calls, w, r)))
+    return steps

@@ -18,7 +18,6 @@ Without a CUDA device the CPU plays the accelerator (the loopback profile): the 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import platform
@@ -35,14 +34,15 @@ import torch
 
 from planner.errors import HardwareError
 from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source
+from planner.hwtable import pcie_gbps
 from planner.units import fmt_bytes
 
 from . import measure
-from .measure import Compute, Figure, Timing, sig
+from .measure import CPU_DTYPES, CUDA_DTYPES, Compute, Figure, Settings, Target
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, float], None]
+Progress = measure.Progress
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 LOOPBACK_RESERVE_BYTES = 64 * MIB  # the loopback "device" has no runtime context to pay for
@@ -50,14 +50,26 @@ HOST_RESERVE_BYTES = 1 * GIB  # kept for the OS and the Python runtime
 CUDA_CONTEXT_BYTES = 512 * MIB  # assumed for this process's context when NVML cannot tell
 FRAGMENTATION_FRACTION = 0.03  # of device memory, lost to allocator fragmentation
 MIN_FRAGMENTATION_BYTES = 256 * MIB
-TINY_COPY_BYTES = 256  # a transfer whose time is all latency
-CPU_DTYPES = ("fp32", "bf16")  # fp16 matmul on CPUs is a slow emulated path nothing uses
-CUDA_DTYPES = ("bf16", "fp16", "fp32")
-ATTENTION_SHAPE = (8, 4, 128)  # kv_heads, query heads per kv head, head_dim (Llama-3-8B-like)
-ATTENTION_DTYPE = "bf16"
-PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}  # per direction
+BUSY_LOAD_FRACTION = 0.5  # load average above this fraction of the CPUs counts as busy
 NO_CUDA_MESSAGE = ("no CUDA device: profiling this CPU as a loopback accelerator "
                    "(link = host-to-host copy, accelerator memory = half of available RAM)")
+
+FULL = Settings(
+    link_sizes_bytes=(64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB, 1 * GIB),
+    warmup=2, repeats=9, latency_calls=200, overhead_calls=200, copy_bytes=1 * GIB,
+    cpu_gemm_shapes=((512, 2048, 2048), (1024, 4096, 4096)),
+    cuda_gemm_shapes=((2048, 4096, 4096), (4096, 8192, 8192)),
+    gemv_shape=(16384, 4096), gemv_batches=(1, 4, 16, 64), attention_tokens=65536)
+QUICK = Settings(
+    link_sizes_bytes=(64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB),
+    warmup=1, repeats=5, latency_calls=100, overhead_calls=100, copy_bytes=256 * MIB,
+    cpu_gemm_shapes=((512, 2048, 2048),), cuda_gemm_shapes=((4096, 8192, 8192),),
+    gemv_shape=(16384, 4096), gemv_batches=(1, 16, 64), attention_tokens=32768)
+TINY = Settings(  # tests: same code paths, seconds instead of minutes; figures are rougher
+    link_sizes_bytes=(64 * KIB, 1 * MIB, 64 * MIB),
+    warmup=1, repeats=3, latency_calls=50, overhead_calls=50, copy_bytes=64 * MIB,
+    cpu_gemm_shapes=((256, 1024, 1024),), cuda_gemm_shapes=((1024, 2048, 2048),),
+    gemv_shape=(4096, 4096), gemv_batches=(1,), attention_tokens=8192)
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -88,11 +100,34 @@ def measure_profile(settings: Settings, threads: int | None = None,
     if gpu is None:
         log.info(NO_CUDA_MESSAGE)
         report(NO_CUDA_MESSAGE, 0.0)
+    busy = busy_note()
+    if busy:
+        log.warning(busy)
+        report(busy, 0.0)
+    cpu = torch.device("cpu")
+    host_target = Target("host", cpu, CPU_DTYPES, settings.cpu_gemm_shapes, settings.copy_bytes)
+    targets = (host_target,) if gpu is None else (_gpu_target(settings, gpu), host_target)
     with _torch_threads(threads) as n_threads:
-        timings = _run_steps(_plan(settings, gpu), report)
+        timings = measure.measure_all(settings, gpu.device if gpu else cpu, gpu is not None,
+                                      targets, report)
+    link, link_spread = measure.link_figures(timings, settings, pageable_measured=gpu is not None)
+    figures = _Figures(cpu=measure.compute_figures(host_target, timings, settings),
+                       attention=measure.attention_figure(timings, settings),
+                       link=link, link_spread=link_spread, threads=n_threads, busy=busy)
     if gpu is None:
-        return _loopback_profile(host, settings, timings, n_threads)
-    return _cuda_profile(host, gpu, settings, timings, n_threads)
+        return _loopback_profile(host, figures)
+    return _cuda_profile(host, gpu, measure.compute_figures(targets[0], timings, settings), figures)
+
+
+def busy_note() -> str:
+    """A warning when other programs keep the CPUs busy: the figures would come out low
+    (a parallel operator waits for a descheduled thread for a whole time slice)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load <= BUSY_LOAD_FRACTION * cpus:
+        return ""
+    return (f"machine busy: load average {load:.1f} on {cpus} CPUs before profiling; "
+            "figures may come out low, profile again when it is idle")
 
 
 def _no_progress(step: str, fraction: float) -> None:
@@ -242,40 +277,47 @@ def _nvml_handle(pynvml: object, uuid: str, index: int) -> object:
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
-def pcie_theoretical_gbps(generation: int, width: int) -> float:
-    """Per-direction PCIe bandwidth after line encoding; 0 when unknown."""
-    return PCIE_LANE_GBPS.get(generation, 0.0) * width
-
-
 # ---- the profile ---------------------------------------------------------------------------
 
-def _loopback_profile(host: HostFacts, s: Settings, timings: dict[str, Timing],
-                      threads: int) -> HardwareProfile:
-    cpu = compute_figures("host", timings, s, s.copy_bytes, s.cpu_gemm_shapes)
-    link, link_spread = link_figures(timings, s, pageable_measured=False)
+def _gpu_target(s: Settings, gpu: GpuFacts) -> Target:
+    dtypes = tuple(d for d in CUDA_DTYPES if d != "bf16" or gpu.bf16)
+    # two copy buffers must fit beside everything else on the device
+    return Target("accelerator", gpu.device, dtypes, s.cuda_gemm_shapes, min(s.copy_bytes, gpu.free_bytes // 4))
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """What the sweep found on the host and the link (both profiles need these)."""
+    cpu: Compute
+    attention: Figure  # host attention, KV GB/s
+    link: Link
+    link_spread: dict[str, float]
+    threads: int
+    busy: str  # a warning when other programs loaded the CPU while measuring, else ''
+
+
+def _loopback_profile(host: HostFacts, f: _Figures) -> HardwareProfile:
     device_bytes = host.ram_available_bytes // 2
-    host_bytes = host.ram_available_bytes - device_bytes
     accelerator = Accelerator(
         name=f"loopback (CPU: {host.cpu_model})", memory_bytes=device_bytes,
-        mem_bw_gbps=cpu.mem_bw_gbps.value, flops_tflops=cpu.flops_values(),
-        gemv_efficiency=cpu.gemv_efficiency().value, matmul_efficiency=1.0,
-        op_overhead_s=cpu.op_overhead_s.value, loopback=True)
-    notes = [f"host {host.hostname}, torch {torch.__version__}, {threads} threads",
+        mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
+        gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
+        op_overhead_s=f.cpu.op_overhead_s.value, loopback=True)
+    host_bytes = host.ram_available_bytes - device_bytes
+    notes = [f"host {host.hostname}, torch {torch.__version__}, {f.threads} threads",
              "loopback: no CUDA device, the CPU plays the accelerator; accelerator memory is a "
              f"budget of half the available RAM ({fmt_bytes(host.ram_available_bytes)} available, "
              f"{fmt_bytes(host.ram_total_bytes)} total; pass --vram to shrink it); link = copy_ "
              "between two host buffers; pageable curves = pinned curves",
-             cpu.gemv_note("host")]
-    spread = {**link_spread, **cpu.spread("accelerator"), **cpu.spread("host")}
-    return _assemble(host, s, timings, threads, f"{host.hostname}-loopback", accelerator, link, cpu,
-                     host_bytes, host_bytes, LOOPBACK_RESERVE_BYTES, 0, notes, spread)
+             _gemv_note("host", f.cpu)]
+    return HardwareProfile(
+        name=slug(f"{host.hostname}-loopback"), accelerator=accelerator, link=f.link,
+        host=_host_part(host, f, host_bytes, host_bytes), source=_source(notes, f.busy),
+        reserve_bytes=LOOPBACK_RESERVE_BYTES, host_reserve_bytes=HOST_RESERVE_BYTES,
+        spread=_spread(f, f.cpu))
 
 
-def _cuda_profile(host: HostFacts, gpu: GpuFacts, s: Settings, timings: dict[str, Timing],
-                  threads: int) -> HardwareProfile:
-    dev = compute_figures("accelerator", timings, s, _device_copy_bytes(s, gpu), s.cuda_gemm_shapes)
-    cpu = compute_figures("host", timings, s, s.copy_bytes, s.cpu_gemm_shapes)
-    link, link_spread = link_figures(timings, s, pageable_measured=True)
+def _cuda_profile(host: HostFacts, gpu: GpuFacts, dev: Compute, f: _Figures) -> HardwareProfile:
     accelerator = Accelerator(
         name=gpu.name, memory_bytes=gpu.total_bytes, mem_bw_gbps=dev.mem_bw_gbps.value,
         flops_tflops=dev.flops_values(), gemv_efficiency=dev.gemv_efficiency().value,
@@ -284,44 +326,48 @@ def _cuda_profile(host: HostFacts, gpu: GpuFacts, s: Settings, timings: dict[str
         pcie_width=gpu.pcie_width)
     fragmentation = max(MIN_FRAGMENTATION_BYTES, int(FRAGMENTATION_FRACTION * gpu.total_bytes))
     notes = [f"host {host.hostname}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-             f"{threads} threads",
+             f"{f.threads} threads",
              f"reserve = runtime context {fmt_bytes(gpu.context_bytes)} + fragmentation margin "
              f"{fmt_bytes(fragmentation)}",
-             _pcie_note(gpu, link), dev.gemv_note("accelerator"), cpu.gemv_note("host")]
-    spread = {**link_spread, **dev.spread("accelerator"), **cpu.spread("host")}
+             _pcie_note(gpu, f.link), _gemv_note("accelerator", dev), _gemv_note("host", f.cpu)]
     others_bytes = max(host.ram_total_bytes - host.ram_available_bytes, 0)
-    return _assemble(host, s, timings, threads, f"{host.hostname}-{gpu.name}", accelerator, link, cpu,
-                     host.ram_total_bytes, host.ram_available_bytes, gpu.context_bytes + fragmentation,
-                     others_bytes, notes, spread)
+    return HardwareProfile(
+        name=slug(f"{host.hostname}-{gpu.name}"), accelerator=accelerator, link=f.link,
+        host=_host_part(host, f, host.ram_total_bytes, host.ram_available_bytes),
+        source=_source(notes, f.busy), reserve_bytes=gpu.context_bytes + fragmentation,
+        host_reserve_bytes=others_bytes + HOST_RESERVE_BYTES, spread=_spread(f, dev))
+
+
+def _host_part(host: HostFacts, f: _Figures, memory_bytes: int, available_bytes: int) -> Host:
+    return Host(name=host.cpu_model, cores=host.cores, memory_bytes=memory_bytes,
+                mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
+                gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
+                op_overhead_s=f.cpu.op_overhead_s.value, attention_gbps=f.attention.value,
+                available_bytes=available_bytes, threads=f.threads)
+
+
+def _spread(f: _Figures, accelerator: Compute) -> dict[str, float]:
+    return {**f.link_spread, **accelerator.spread("accelerator"), **f.cpu.spread("host"),
+            "host.attention_gbps": f.attention.spread}
+
+
+def _source(notes: list[str], busy: str) -> Source:
+    notes = [*notes, *([busy] if busy else []), "spread = (q3 - q1) / median of the timed runs; memory bandwidth counts "
+             "read + write bytes of a copy; link curves = bytes / (time - latency)"]
+    return Source(kind="measured", date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  notes="; ".join(notes))
+
+
+def _gemv_note(prefix: str, c: Compute) -> str:
+    parts = [f"{dt} " + ", ".join(f"b{batch} {f.value:.1f}" for batch, f in by_batch.items())
+             for dt, by_batch in c.gemv_gbps.items()]
+    return f"{prefix} GEMV GB/s by batch: " + "; ".join(parts)
 
 
 def _pcie_note(gpu: GpuFacts, link: Link) -> str:
-    theory = pcie_theoretical_gbps(gpu.pcie_generation, gpu.pcie_width)
+    theory = pcie_gbps(gpu.pcie_generation, gpu.pcie_width)
     if not theory:
         return f"PCIe link unknown; measured h2d {link.h2d_gbps:.1f} / d2h {link.d2h_gbps:.1f} GB/s"
     return (f"PCIe gen{gpu.pcie_generation} x{gpu.pcie_width}: theoretical {theory:.1f} GB/s per "
             f"direction; measured h2d {link.h2d_gbps:.1f} GB/s ({link.h2d_gbps / theory:.0%}), "
             f"d2h {link.d2h_gbps:.1f} GB/s ({link.d2h_gbps / theory:.0%})")
-
-
-def _assemble(host: HostFacts, s: Settings, timings: dict[str, Timing], threads: int, name: str,
-              accelerator: Accelerator, link: Link, cpu: Compute, host_memory_bytes: int,
-              host_available_bytes: int, reserve_bytes: int, host_others_bytes: int,
-              notes: list[str], spread: dict[str, float]) -> HardwareProfile:
-    kv_heads, _, head_dim = ATTENTION_SHAPE
-    kv_bytes = measure.attention_kv_bytes(ATTENTION_DTYPE, kv_heads, head_dim, s.attention_tokens)
-    attention = Figure.rate(kv_bytes, timings["host.attention"], 1e9)
-    host_part = Host(
-        name=host.cpu_model, cores=host.cores, memory_bytes=host_memory_bytes,
-        mem_bw_gbps=cpu.mem_bw_gbps.value, flops_tflops=cpu.flops_values(),
-        gemv_efficiency=cpu.gemv_efficiency().value, matmul_efficiency=1.0,
-        op_overhead_s=cpu.op_overhead_s.value, attention_gbps=attention.value,
-        available_bytes=host_available_bytes, threads=threads)
-    notes.append("spread = (q3 - q1) / median of the timed runs; memory bandwidth counts read + "
-                 "write bytes of a copy; link curves = bytes / (time - latency)")
-    return HardwareProfile(
-        name=slug(name), accelerator=accelerator, link=link, host=host_part,
-        source=Source(kind="measured", date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                      notes="; ".join(notes)),
-        reserve_bytes=reserve_bytes, host_reserve_bytes=host_others_bytes + HOST_RESERVE_BYTES,
-        spread={**spread, "host.attention_gbps": attention.spread})

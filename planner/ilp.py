@@ -5,17 +5,22 @@ one-hot binaries per layer over KV host-fraction levels, an epigraph variable pe
 phase for `max(compute path, link)`, and the largest streamed stage (buffer size).
 Objective: prefill time + decode steps x step time. Times are in milliseconds and memory
 in GiB inside the model, to keep coefficients well scaled.
+
+Compensation quality (quantized models with rank choices): `quality=R` keeps the fastest
+plan whose mean recovered error fraction is at least R; `quality_mode="max"` recovers the
+most error while the total time stays within `slack` of the uncompensated optimum
+(`solve_compensated`: solve once without ranks, then maximise recovery under that budget).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pulp
 
 from .cost import Scenario
-from .errors import InfeasiblePlanError
+from .errors import InfeasiblePlanError, OffplanError, SpecError
 from .placement import Placement
 from .predict import OptionTables, Prediction, chosen_options, memory_use, option_tables, predict
 from .units import fmt_bytes
@@ -32,6 +37,16 @@ class SolverOptions:
     threads: int = 0  # 0 = solver default
     quality: float | None = None  # minimum mean recovered error fraction (compensation)
     max_groups: int = 16  # layers share configurations in at most this many contiguous groups
+    quality_mode: str | None = None  # "max": most recovered error within `slack` of the fastest time
+    slack: float = 0.02  # quality "max": allowed total-time increase over the uncompensated optimum
+    time_budget_s: float | None = None  # cap on the total time (solve_compensated sets it for "max")
+
+
+QUALITY_MODES = ("max",)
+# Quality "max" breaks ties between plans that recover the same error by the shorter time:
+# the time term, at most this weight x (1 + slack), is far below any recovery difference
+# that matters (mean recovered fractions are in 0..1).
+_TIME_TIE_BREAK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,7 @@ def solve_placement(scn: Scenario, options: SolverOptions = SolverOptions(),
                     tables: OptionTables | None = None) -> Solution:
     tables = tables or option_tables(scn)
     check_lower_bounds(tables)
+    check_quality(tables, options)
     prob, x, z, groups, _ = build_problem(tables, options)
     name, solver = pick_solver(options)
     start = time.perf_counter()
@@ -105,13 +121,95 @@ def solve_placement(scn: Scenario, options: SolverOptions = SolverOptions(),
     status = pulp.LpStatus[prob.status]
     has_solution = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
     if not has_solution:
-        raise _infeasible(tables, status)
+        raise _infeasible(tables, status, options)
     placement = _read_placement(tables, x, z, groups)
     tensor, kv = chosen_options(tables, placement)
     prediction = predict(tables, tensor, kv)
     label = "optimal" if prob.sol_status == pulp.LpSolutionOptimal else "time limit (best found)"
-    return Solution(placement, prediction, name, label, pulp.value(prob.objective) / MS, elapsed,
+    # Under quality "max" the objective is recovery, not time: report the plan's time.
+    objective_s = prediction.total_s if options.quality_mode == "max" else pulp.value(prob.objective) / MS
+    return Solution(placement, prediction, name, label, objective_s, elapsed,
                     len(prob.variables()), len(prob.constraints))
+
+
+def solve_compensated(scn: Scenario, options: SolverOptions = SolverOptions(),
+                      tables: OptionTables | None = None) -> Solution:
+    """Solve with the compensation quality the options ask for.
+
+    Without `quality_mode` this is solve_placement. With "max": first the fastest plan
+    without compensation (rank 0 everywhere: time T0), then the plan recovering the most
+    quantization error whose total time is at most (1 + slack) x T0. `solve_time_s` covers
+    both solves."""
+    tables = tables or option_tables(scn)
+    if options.quality_mode is None:
+        return solve_placement(scn, options, tables)
+    check_quality(tables, options)
+    first = solve_placement(scn, replace(options, quality_mode=None, quality=None, time_budget_s=None),
+                            uncompensated(tables))
+    if not has_rank_choices(tables):
+        return first
+    # The uncompensated optimum must stay feasible despite rounding between ILP and predict().
+    budget_s = (1.0 + options.slack) * max(first.prediction.total_s, first.objective_s) * (1.0 + 1e-9)
+    second = solve_placement(scn, replace(options, time_budget_s=budget_s), tables)
+    return replace(second, solve_time_s=first.solve_time_s + second.solve_time_s)
+
+
+def uncompensated(tables: OptionTables) -> OptionTables:
+    """The same tables with only the rank-0 options (no compensation branch)."""
+    return replace(tables, tensor={name: [o for o in opts if o.rank == 0] for name, opts in tables.tensor.items()})
+
+
+def has_rank_choices(tables: OptionTables) -> bool:
+    return any(o.rank > 0 for opts in tables.tensor.values() for o in opts)
+
+
+def parse_quality(text: str | None) -> tuple[str | None, float | None]:
+    """`--quality` -> (quality_mode, quality): 'max' -> ("max", None), '0.6' -> (None, 0.6)."""
+    if text is None:
+        return None, None
+    if text.strip().lower() in QUALITY_MODES:
+        return text.strip().lower(), None
+    try:
+        value = float(text)
+    except ValueError:
+        raise OffplanError(f"--quality: expected 'max' or a recovered-error fraction between 0 and 1, "
+                           f"got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise OffplanError(f"--quality: {value:g} is not between 0 and 1 (the mean fraction of "
+                           "quantization error to recover)")
+    return None, value
+
+
+def max_recovered(tables: OptionTables) -> float:
+    """The mean recovered fraction if every quantized tensor took its best rank."""
+    quantized = [t.name for t in tables.scenario.spec.tensors() if t.group in ("attn", "mlp")]
+    if not quantized:
+        return 0.0
+    return sum(max(o.recovered for o in tables.tensor[name]) for name in quantized) / len(quantized)
+
+
+def check_quality(tables: OptionTables, options: SolverOptions) -> None:
+    """Reject quality options that cannot mean anything for this scenario, naming the flag."""
+    if options.quality_mode is not None and options.quality_mode not in QUALITY_MODES:
+        raise OffplanError(f"--quality: unknown mode {options.quality_mode!r}; use 'max' or a fraction")
+    if options.quality_mode is not None and options.quality is not None:
+        raise OffplanError("--quality: give either 'max' or a fraction, not both")
+    if not 0.0 <= options.slack < 10.0:
+        raise OffplanError(f"--slack: {options.slack:g} must be between 0 and 10 (a fraction: 0.02 = 2%)")
+    if options.quality is None and options.quality_mode is None:
+        return
+    if tables.scenario.spec.quantization is None:
+        raise SpecError("--quality needs a quantized model: add `quantization: {bits: 4, group_size: 128}` "
+                        "to model.yaml")
+    if options.quality is not None:
+        if not 0.0 <= options.quality <= 1.0:
+            raise OffplanError(f"--quality: {options.quality:g} is not between 0 and 1")
+        best = max_recovered(tables)
+        if options.quality > best + 1e-12:
+            raise InfeasiblePlanError(
+                f"--quality {options.quality:g}: the offered ranks recover at most {best:.3f} of the "
+                "quantization error on average; lower --quality or offer larger ranks "
+                "(compensation.ranks in model.yaml)", "quality", options.quality, best)
 
 
 def layer_groups(n_layers: int, max_groups: int) -> list[tuple[int, int]]:
@@ -183,7 +281,18 @@ def build_problem(tables: OptionTables, options: SolverOptions):
     prefill_ms = (pulp.lpSum((m - 1) * t for m, t in zip(sizes, t_in_pf)) + pulp.lpSum(t_out_pf)
                   + unit_sum(0, "prefill_link_s", MS))
     decode_ms = pulp.lpSum((m - 1) * t for m, t in zip(sizes, t_in_dec)) + pulp.lpSum(t_out_dec)
-    prob += prefill_ms + scn.decode_steps * decode_ms + constant_ms, "total_time_ms"
+    total_ms = prefill_ms + scn.decode_steps * decode_ms + constant_ms
+    n_quantized = sum(1 for t in spec.tensors() if t.group in ("attn", "mlp")) if spec.quantization else 0
+    recovered_sum = pulp.lpSum(sizes[g] * unit_sum(g, "recovered") for g in range(len(groups)))
+    if options.quality_mode == "max" and n_quantized:
+        # Mean recovered fraction, less a tie-break on time (see _TIME_TIE_BREAK).
+        budget_ms = (options.time_budget_s or 1.0) * MS
+        prob.sense = pulp.LpMaximize
+        prob += recovered_sum / n_quantized - _TIME_TIE_BREAK * total_ms / budget_ms, "mean_recovered"
+    else:
+        prob += total_ms, "total_time_ms"
+    if options.time_budget_s is not None:
+        prob += total_ms <= options.time_budget_s * MS, "time_budget"
 
     # ---- constraints: one choice per item -----------------------------------------------
     for g, slots in enumerate(x):
@@ -222,10 +331,8 @@ def build_problem(tables: OptionTables, options: SolverOptions):
              + kv_host <= (host0.capacity_bytes - host0.buffer_bytes) / GIB), "host_memory"
 
     # ---- constraints: quality (compensation) --------------------------------------------
-    if options.quality is not None and spec.quantization:
-        n_quantized = sum(1 for t in spec.tensors() if t.group in ("attn", "mlp"))
-        prob += (pulp.lpSum(sizes[g] * unit_sum(g, "recovered") for g in range(len(groups)))
-                 >= options.quality * n_quantized), "recovered_error"
+    if options.quality is not None and n_quantized:
+        prob += recovered_sum >= options.quality * n_quantized, "recovered_error"
     return prob, x, z, groups, layer_slots
 
 
@@ -262,8 +369,14 @@ def _read_placement(tables: OptionTables, x, z, groups) -> Placement:
     return Placement(devices, tuple(kv), tuple(streamed), ranks)
 
 
-def _infeasible(tables: OptionTables, status: str) -> InfeasiblePlanError:
+def _infeasible(tables: OptionTables, status: str, options: SolverOptions) -> InfeasiblePlanError:
     scn = tables.scenario
+    if options.quality is not None and options.quality > 0:
+        return InfeasiblePlanError(
+            f"--quality {options.quality:g}: no placement that fits in memory recovers that much "
+            f"quantization error ({status.lower()}; the ranks alone allow up to {max_recovered(tables):.3f}); "
+            "lower --quality, or add --ram for the compensation factors", "quality", options.quality,
+            max_recovered(tables))
     total = sum(min(o.vram_bytes + o.host_bytes for o in opts) for opts in tables.tensor.values())
     capacity = scn.profile.vram_usable_bytes + scn.profile.host_usable_bytes
     return InfeasiblePlanError(

@@ -19,23 +19,25 @@ from planner.spec import ModelSpec, Quantization, Workload
 GIB = 2**30
 
 
-def random_spec(rng: random.Random, layers: int | None = None, ffn: str | None = None) -> ModelSpec:
-    """A tiny Llama-family model: 1-3 layers, random GQA shape, sometimes tied or quantized."""
-    head_dim = rng.choice((8, 16))
+def random_spec(rng: random.Random, layers: int | None = None, ffn: str | None = None,
+                quantized: bool | None = None) -> ModelSpec:
+    """A small Llama-family model: 1-3 layers, random GQA shape, sometimes tied or quantized.
+    Tensors are tens to hundreds of KiB, large next to the solver's feasibility tolerance."""
+    head_dim = rng.choice((16, 32))
     heads = rng.choice((2, 4, 8))
     kv_heads = rng.choice([d for d in range(1, heads + 1) if heads % d == 0])
-    quantized = rng.random() < 0.35
+    quantized = rng.random() < 0.35 if quantized is None else quantized
     return ModelSpec(
         name=f"rand-{rng.randrange(10**6)}", family="llama", layers=layers or rng.randint(1, 3),
-        hidden=heads * head_dim, intermediate=rng.choice((48, 96, 160, 256)), heads=heads, kv_heads=kv_heads,
-        vocab=rng.choice((64, 128, 320)), tied_embeddings=rng.random() < 0.3,
+        hidden=heads * head_dim, intermediate=rng.choice((128, 256, 384, 512)), heads=heads, kv_heads=kv_heads,
+        vocab=rng.choice((256, 512, 1000)), tied_embeddings=rng.random() < 0.3,
         ffn=ffn or rng.choice(("swiglu", "plain")), dtype=rng.choice(("fp32", "bf16")),
         quantization=Quantization(bits=rng.choice((4, 8)), group_size=32) if quantized else None,
         max_context=4096)
 
 
 def random_workload(rng: random.Random) -> Workload:
-    return Workload(batch=rng.choice((1, 1, 2)), prompt=rng.choice((8, 32, 96)), gen=rng.choice((4, 16, 64)))
+    return Workload(batch=rng.choice((1, 1, 2)), prompt=rng.choice((16, 64, 128)), gen=rng.choice((4, 16, 64)))
 
 
 def _log_uniform(rng: random.Random, low: float, high: float) -> float:
@@ -43,21 +45,21 @@ def _log_uniform(rng: random.Random, low: float, high: float) -> float:
 
 
 def random_profile(rng: random.Random, vram_bytes: int = 64 * GIB, host_bytes: int = 64 * GIB) -> HardwareProfile:
-    """A made-up machine. Rates are scaled down so tiny tensors cost about as much to move or
-    compute as the fixed per-operator overheads: every resource matters to the optimum."""
+    """A made-up machine. Rates are scaled down so that moving or computing a small tensor costs
+    about as much as the fixed per-operator overheads: every resource matters to the optimum."""
     curve = ()
     if rng.random() < 0.5:
-        curve = ((1024.0, _log_uniform(rng, 0.02, 0.2)), (65536.0, _log_uniform(rng, 0.2, 1.0)))
-    acc = Accelerator(name="rand-acc", memory_bytes=vram_bytes, mem_bw_gbps=_log_uniform(rng, 1.0, 20.0),
-                      flops_tflops={"bf16": _log_uniform(rng, 0.01, 0.5), "fp32": _log_uniform(rng, 0.005, 0.2)},
+        curve = ((4096.0, _log_uniform(rng, 0.1, 0.5)), (262144.0, _log_uniform(rng, 0.5, 5.0)))
+    acc = Accelerator(name="rand-acc", memory_bytes=vram_bytes, mem_bw_gbps=_log_uniform(rng, 5.0, 50.0),
+                      flops_tflops={"bf16": _log_uniform(rng, 0.05, 2.0), "fp32": _log_uniform(rng, 0.02, 1.0)},
                       gemv_efficiency=rng.uniform(0.5, 1.0), matmul_efficiency=rng.uniform(0.5, 1.0),
                       op_overhead_s=_log_uniform(rng, 1e-7, 5e-6))
-    link = Link(h2d_gbps=_log_uniform(rng, 0.1, 2.0), d2h_gbps=_log_uniform(rng, 0.1, 2.0),
-                latency_s=_log_uniform(rng, 1e-7, 5e-6), h2d_curve=curve)
-    host = Host(name="rand-host", cores=4, memory_bytes=host_bytes, mem_bw_gbps=_log_uniform(rng, 0.3, 5.0),
-                flops_tflops={"fp32": _log_uniform(rng, 0.001, 0.05)}, gemv_efficiency=rng.uniform(0.5, 1.0),
+    link = Link(h2d_gbps=_log_uniform(rng, 0.5, 5.0), d2h_gbps=_log_uniform(rng, 0.5, 5.0),
+                latency_s=_log_uniform(rng, 1e-7, 1e-5), h2d_curve=curve)
+    host = Host(name="rand-host", cores=4, memory_bytes=host_bytes, mem_bw_gbps=_log_uniform(rng, 1.0, 10.0),
+                flops_tflops={"fp32": _log_uniform(rng, 0.005, 0.1)}, gemv_efficiency=rng.uniform(0.5, 1.0),
                 matmul_efficiency=rng.uniform(0.5, 1.0), op_overhead_s=_log_uniform(rng, 1e-7, 5e-6),
-                attention_gbps=rng.choice((0.0, _log_uniform(rng, 0.3, 5.0))))
+                attention_gbps=rng.choice((0.0, _log_uniform(rng, 1.0, 10.0))))
     return HardwareProfile(name="random", accelerator=acc, link=link, host=host, source=Source("datasheet"))
 
 

@@ -1,0 +1,97 @@
+"""Predicted vs measured speed on this machine's loopback profile (DESIGN §6).
+
+For a synthetic model of a few hundred MB and several plans (the ILP at several VRAM
+budgets, the baselines, hand-made placements that stream / compute on the CPU / split the
+KV cache), prints predicted and measured decode tokens/s and time to first token, the error
+of each, and the median absolute error of decode speed.
+
+    python benchmarks/predict_vs_measure.py [--profile FILE] [--quick]
+
+Without --profile it measures this machine first (`offplan profile --quick`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import replace
+
+from rich.console import Console
+from rich.table import Table
+
+from planner.baselines import run_baselines
+from planner.cost import Scenario
+from planner.hardware import load_profile, with_overrides
+from planner.ilp import solve_placement
+from planner.modelfile import load_model_file
+from planner.placement import uniform_placement
+from planner.plan import make_plan
+from planner.spec import Workload
+from planner.units import GIB
+
+from executor.run import RunOptions, error_pct, run_plan
+
+
+def loopback_profile(path: str | None):
+    if path:
+        return load_profile(path)
+    from executor.profiler import profile_machine
+    return profile_machine(quick=True)
+
+
+def plans(spec, profile, workload):
+    weights_gib = spec.weight_bytes / GIB
+    out = []
+    for share in (1.2, 0.6, 0.35, 0.2):
+        prof = with_overrides(profile, vram_bytes=int(share * weights_gib * GIB))
+        scn = Scenario(spec, prof, workload)
+        try:
+            sol = solve_placement(scn)
+        except Exception as exc:  # a budget too small to plan: skip it
+            print(f"vram {share:.0%} of weights: {exc}", file=sys.stderr)
+            continue
+        out.append((f"ilp, vram {share:.0%} of weights", make_plan(scn, sol.placement, "ilp", sol.prediction)))
+        if share == 0.35:
+            for b in run_baselines(scn):
+                if b.placement is not None:
+                    out.append((f"{b.name} ({b.note})", make_plan(scn, b.placement, b.name, b.prediction)))
+    big = Scenario(spec, with_overrides(profile, vram_bytes=int(2 * weights_gib * GIB)), workload)
+    for name, placement in (("all streamed", uniform_placement(spec, "stream")),
+                            ("all on the cpu", uniform_placement(spec, "cpu")),
+                            ("KV cache 50% on the host", uniform_placement(spec, "gpu", 0.5))):
+        out.append((name, make_plan(big, placement, "hand")))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="loopback profile YAML (default: measure now)")
+    parser.add_argument("--model", default="examples/tiny.yaml")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--gen", type=int, default=48)
+    args = parser.parse_args()
+    profile = loopback_profile(args.profile)
+    spec = load_model_file(args.model).spec
+    workload = Workload(1, args.prompt, args.gen)
+    table = Table(title=f"{spec.name} on {profile.name}: predicted vs measured")
+    for col in ("plan", "decode tok/s pred", "measured", "error", "TTFT pred", "measured", "error"):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    decode_errors, ttft_errors = [], []
+    for name, plan in plans(spec, profile, workload):
+        report = run_plan(plan, RunOptions(synthetic=True))
+        p, m = report.predicted, report.measured
+        e_dec = error_pct(p.decode_tokens_per_s, m.decode_tokens_per_s)
+        e_ttft = error_pct(p.ttft_s, m.ttft_s)
+        decode_errors.append(abs(e_dec))
+        ttft_errors.append(abs(e_ttft))
+        table.add_row(name, f"{p.decode_tokens_per_s:.2f}", f"{m.decode_tokens_per_s:.2f}", f"{e_dec:+.1f}%",
+                      f"{p.ttft_s * 1e3:.0f} ms", f"{m.ttft_s * 1e3:.0f} ms", f"{e_ttft:+.1f}%")
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"median |error| decode tok/s: {statistics.median(decode_errors):.1f}% over {len(decode_errors)} "
+                  f"plans; time to first token: {statistics.median(ttft_errors):.1f}%")
+
+
+if __name__ == "__main__":
+    main()

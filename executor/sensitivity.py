@@ -1,0 +1,147 @@
+"""Measure a model's rank table: how much quantization error each rank of residual
+compensation leaves, matrix by matrix (`offplan sensitivity ... --out ranks.yaml`).
+
+With calibration prompts, the float model runs them once while forward pre-hooks on every
+quantizable Linear accumulate the second moment C = E[x xᵀ] of its input; each weight is
+then quantized and its error decomposed activation-aware (executor.compensation), so the
+table states the output error left on inputs like the calibration ones. Without prompts the
+plain SVD of the error is used (inputs assumed isotropic).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from planner.errors import SpecError
+from planner.ranks import RankTable, aggregate_kinds, check_ranks, quantized_tensors
+from planner.spec import ModelSpec
+
+from .compensation import calibration_second_moment, residual_svd
+from .model import Transformer
+from .quant import quantize
+from .weights import synthetic_model
+
+ProgressFn = Callable[[int, int, str], None]  # (matrices done, matrices in all, tensor name)
+SYNTHETIC_PROMPTS = 8
+SYNTHETIC_PROMPT_TOKENS = 64
+
+
+def linear_of(model: Transformer, name: str) -> nn.Module:
+    """The module of plan tensor `name` (`layers.3.mlp.down_proj` -> model.model.layers[3]...)."""
+    try:
+        return model.model.get_submodule(name)
+    except AttributeError:
+        raise SpecError(f"tensor {name!r} is not in the model; the model and its spec disagree") from None
+
+
+def random_prompts(vocab: int, prompts: int = SYNTHETIC_PROMPTS, tokens: int = SYNTHETIC_PROMPT_TOKENS,
+                   seed: int = 0) -> list[Tensor]:
+    """`prompts` uniformly random token sequences, each [1, tokens] int64."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, tokens), generator=generator) for _ in range(prompts)]
+
+
+@contextmanager
+def _without_caches(model: Transformer) -> Iterator[None]:
+    """Run whole sequences: detach the KV caches (calibration must not append to them)."""
+    saved = [layer.self_attn.kv_cache for layer in model.model.layers]
+    for layer in model.model.layers:
+        layer.self_attn.kv_cache = None
+    try:
+        yield
+    finally:
+        for layer, cache in zip(model.model.layers, saved):
+            layer.self_attn.kv_cache = cache
+
+
+@torch.no_grad()
+def collect_second_moments(model: Transformer, names: list[str], calibration: list[Tensor]) -> dict[str, Tensor]:
+    """C = mean over calibration token rows of x xᵀ ([in, in] float64, CPU) for each Linear in
+    `names`, from the float model's forward passes over `calibration` ([batch, t] or [t])."""
+    if not calibration:
+        raise SpecError("calibration: no prompts; pass at least one token sequence")
+    sums: dict[str, Tensor] = {}
+    rows: dict[str, int] = dict.fromkeys(names, 0)
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]  # [batch, t, in]
+            n = x.numel() // x.shape[-1]
+            moment = calibration_second_moment([x]) * n  # [in, in], sum of x xᵀ over the rows
+            sums[name] = moment if name not in sums else sums[name] + moment
+            rows[name] += n
+        return hook
+
+    device = model.model.embed_tokens.weight.device
+    hooks = [linear_of(model, name).register_forward_pre_hook(hook_for(name)) for name in names]
+    try:
+        with _without_caches(model):
+            for tokens in calibration:
+                tokens = tokens if tokens.dim() == 2 else tokens.unsqueeze(0)  # [batch, t]
+                model(tokens.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: sums[name] / rows[name] for name in names}
+
+
+def _check_model(model: Transformer, spec: ModelSpec, names: list[str]) -> None:
+    for name in names:
+        module = linear_of(model, name)
+        t = spec.by_name[name]
+        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != (t.rows, t.cols):
+            raise SpecError(f"tensor {name!r}: the model holds {type(module).__name__} "
+                            f"{tuple(getattr(module, 'weight', torch.empty(0)).shape)}, the spec expects a "
+                            f"float Linear [{t.rows}, {t.cols}]; measure sensitivity on the unquantized model")
+
+
+def sensitivity(model: Transformer, spec: ModelSpec, bits: int, group_size: int, ranks: tuple[int, ...] | list[int],
+                calibration: list[Tensor] | None = None, symmetric: bool = True,
+                progress: ProgressFn | None = None) -> RankTable:
+    """The rank table of `model` (float weights) quantized to `bits` / `group_size`.
+
+    For each attention / MLP matrix: the fraction of its quantization output-error energy left
+    at each rank (tail(r) / tail(0)), and its relative output error ‖x E‖ / ‖x Wᵀ‖ at rank 0;
+    at rank r the relative output error is output_error · sqrt(remaining[r]). Ranks above
+    min(in, out) leave no error. Calibration prompts should supply more token rows than the
+    widest input (else C is rank-deficient and the table fits those prompts only)."""
+    ranks = check_ranks(list(ranks), "--ranks")
+    names = [t.name for t in quantized_tensors(spec)]
+    _check_model(model, spec, names)
+    moments = collect_second_moments(model, names, calibration) if calibration else {}
+    tensors: dict[str, dict[int, float]] = {}
+    output_error: dict[str, float] = {}
+    for done, name in enumerate(names, start=1):
+        weight = linear_of(model, name).weight.detach()  # [out, in]
+        svd = residual_svd(weight, quantize(weight, bits, group_size, symmetric), moments.get(name))
+        total = svd.tail_energy(0)
+        tensors[name] = {r: (svd.tail_energy(min(r, svd.max_rank)) / total if total > 0 else 0.0) for r in ranks}
+        output_error[name] = math.sqrt(total / svd.output_energy) if svd.output_energy > 0 else 0.0
+        if progress is not None:
+            progress(done, len(names), name)
+    method = "activation-aware" if calibration else "plain"
+    return RankTable(spec.name, bits, group_size, ranks, tensors, aggregate_kinds(tensors), output_error,
+                     symmetric, method)
+
+
+def synthetic_sensitivity(spec: ModelSpec, ranks: tuple[int, ...] | list[int], bits: int | None = None,
+                          group_size: int | None = None, symmetric: bool | None = None,
+                          prompts: int = SYNTHETIC_PROMPTS, prompt_tokens: int = SYNTHETIC_PROMPT_TOKENS,
+                          seed: int = 0, dtype: str = "fp32", progress: ProgressFn | None = None) -> RankTable:
+    """`offplan sensitivity --synthetic`: the table of executor.weights.synthetic_model(spec)
+    calibrated on uniformly random prompts. Quantization defaults to the spec's."""
+    q = spec.quantization
+    if (bits is None or group_size is None) and q is None:
+        raise SpecError("quantization: the model is not quantized; pass --bits and --group-size or add "
+                        "`quantization:` to model.yaml")
+    bits = q.bits if bits is None else bits
+    group_size = q.group_size if group_size is None else group_size
+    symmetric = (q.symmetric if q is not None else True) if symmetric is None else symmetric
+    model = synthetic_model(spec, seed=seed, dtype=dtype)
+    calibration = random_prompts(spec.vocab, prompts, min(prompt_tokens, spec.max_context), seed)
+    return sensitivity(model, spec, bits, group_size, ranks, calibration, symmetric, progress)
