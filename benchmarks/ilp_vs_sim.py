@@ -1,7 +1,7 @@
 """ILP estimate against the discrete-event simulation, for a few plans of 70B- and 8B-shaped
 models on a shipped profile, with 1, 2 and 3 prefetch buffers.
 
-    python benchmarks/ilp_vs_sim.py [--hw rtx4090] [--time-limit 20]
+    python benchmarks/ilp_vs_sim.py [--hw rtx4090] [--time-limit 20] [--chunk-mib 4]
 
 Where the two differ, the simulation shows what the ILP leaves out: link contention between
 weight copies and activation transfers, a single buffer (no overlap), copies overlapping
@@ -86,10 +86,10 @@ def plans(scn: Scenario, time_limit_s: float) -> list[tuple[str, Plan]]:
     return out
 
 
-def rows(model: str, plan_name: str, plan: Plan) -> list[Row]:
+def rows(model: str, plan_name: str, plan: Plan, chunk_bytes: int = 0) -> list[Row]:
     out = []
     for buffers in BUFFERS:
-        sim = simulate_plan(plan, buffers=buffers)
+        sim = simulate_plan(plan, buffers=buffers, copy_chunk_bytes=chunk_bytes)
         out.append(Row(model, plan_name, buffers, sim.ilp_decode_step_s, sim.decode_step_s,
                        sim.ilp_prefill_s, sim.prefill_s, sim.decode_bound))
     return out
@@ -109,14 +109,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hw", default="rtx4090", help="shipped profile name or profile YAML path")
     parser.add_argument("--time-limit", type=float, default=20.0, help="ILP time limit per model, seconds")
+    parser.add_argument("--chunk-mib", type=float, default=0.0,
+                        help="simulate weight copies in pieces of this many MiB (0: whole tensors)")
     args = parser.parse_args()
     profile = load_profile(args.hw)
+    chunk_bytes = int(args.chunk_mib * 2**20)
     all_rows = []
     for model, scn in models(profile):
         for plan_name, plan in plans(scn, args.time_limit):
-            all_rows += rows(model, plan_name, plan)
-    Console(width=max(Console().width, 120)).print(table(all_rows, f"ILP estimate vs simulation on {profile.name}, "
-                                    f"prompt {WORKLOAD.prompt}, batch {WORKLOAD.batch}"))
+            all_rows += rows(model, plan_name, plan, chunk_bytes)
+    chunks = f", copies in {args.chunk_mib:g} MiB pieces" if chunk_bytes else ""
+    title = f"ILP estimate vs simulation on {profile.name}, prompt {WORKLOAD.prompt}, batch {WORKLOAD.batch}{chunks}"
+    Console(width=max(Console().width, 120)).print(table(all_rows, title))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def slug(text: str) -> str:
 
 def measure_profile(settings: Settings, threads: int | None = None,
                     progress: Progress | None = None) -> HardwareProfile:
+    """`profile_machine` with explicit settings (FULL, QUICK, or TINY for tests)."""
     if threads is not None and threads < 1:
         raise HardwareError(f"--threads: must be at least 1, got {threads}")
     report = progress or _no_progress
@@ -100,6 +101,12 @@ def measure_profile(settings: Settings, threads: int | None = None,
     if gpu is None:
         log.info(NO_CUDA_MESSAGE)
         report(NO_CUDA_MESSAGE, 0.0)
+    return _profile_with(settings, threads, report, host, gpu)
+
+
+def _profile_with(settings: Settings, threads: int | None, report: Progress, host: HostFacts,
+                  gpu: GpuFacts | None) -> HardwareProfile:
+    """Measures and assembles the profile of `host` with `gpu` (None: loopback)."""
     busy = busy_note()
     if busy:
         log.warning(busy)
@@ -127,7 +134,7 @@ def busy_note() -> str:
     if load <= BUSY_LOAD_FRACTION * cpus:
         return ""
     return (f"machine busy: load average {load:.1f} on {cpus} CPUs before profiling; "
-            "figures may come out low, profile again when it is idle")
+            "figures may come out low; profile again when it is idle, or with --threads 1")
 
 
 def _no_progress(step: str, fraction: float) -> None:
@@ -221,7 +228,7 @@ def _cuda_probe_gpu() -> GpuFacts:
     """Asks NVML what others use before this process allocates, then creates the context."""
     index = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
-    nvml = _nvml_facts(str(props.uuid), index)
+    nvml = _nvml_facts(str(getattr(props, "uuid", "")), index)
     free_bytes, total_bytes = torch.cuda.mem_get_info(index)
     if nvml is not None:
         others = nvml.used_bytes
@@ -233,7 +240,7 @@ def _cuda_probe_gpu() -> GpuFacts:
                     free_bytes=free_bytes, used_by_others_bytes=others, context_bytes=context,
                     pcie_generation=nvml.pcie_generation if nvml else 0,
                     pcie_width=nvml.pcie_width if nvml else 0,
-                    bf16=torch.cuda.is_bf16_supported(including_emulation=False))
+                    bf16=props.major >= 8)  # bf16 tensor cores from compute capability 8.0
 
 
 def _nvml_facts(uuid: str, index: int) -> _Nvml | None:
@@ -281,8 +288,8 @@ def _nvml_handle(pynvml: object, uuid: str, index: int) -> object:
 
 def _gpu_target(s: Settings, gpu: GpuFacts) -> Target:
     dtypes = tuple(d for d in CUDA_DTYPES if d != "bf16" or gpu.bf16)
-    # two copy buffers must fit beside everything else on the device
-    return Target("accelerator", gpu.device, dtypes, s.cuda_gemm_shapes, min(s.copy_bytes, gpu.free_bytes // 4))
+    copy_bytes = min(s.copy_bytes, gpu.free_bytes // 4)  # two copy buffers, with room to spare
+    return Target("accelerator", gpu.device, dtypes, s.cuda_gemm_shapes, copy_bytes)
 
 
 @dataclass(frozen=True)
@@ -352,8 +359,9 @@ def _spread(f: _Figures, accelerator: Compute) -> dict[str, float]:
 
 
 def _source(notes: list[str], busy: str) -> Source:
-    notes = [*notes, *([busy] if busy else []), "spread = (q3 - q1) / median of the timed runs; memory bandwidth counts "
-             "read + write bytes of a copy; link curves = bytes / (time - latency)"]
+    notes = [*notes, *([busy] if busy else []),
+             "spread = (q3 - q1) / median of the timed runs; memory bandwidth counts read + write "
+             "bytes of a copy; link curves = bytes / (time - latency)"]
     return Source(kind="measured", date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   notes="; ".join(notes))
 

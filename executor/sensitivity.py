@@ -94,10 +94,12 @@ def _check_model(model: Transformer, spec: ModelSpec, names: list[str]) -> None:
     for name in names:
         module = linear_of(model, name)
         t = spec.by_name[name]
-        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != (t.rows, t.cols):
-            raise SpecError(f"tensor {name!r}: the model holds {type(module).__name__} "
-                            f"{tuple(getattr(module, 'weight', torch.empty(0)).shape)}, the spec expects a "
-                            f"float Linear [{t.rows}, {t.cols}]; measure sensitivity on the unquantized model")
+        if not isinstance(module, nn.Linear):
+            raise SpecError(f"tensor {name!r}: the model holds a {type(module).__name__}, not a float Linear; "
+                            "measure sensitivity on the unquantized model")
+        if tuple(module.weight.shape) != (t.rows, t.cols):
+            raise SpecError(f"tensor {name!r}: weight {tuple(module.weight.shape)} in the model, "
+                            f"[{t.rows}, {t.cols}] in the spec; the model and its spec disagree")
 
 
 def sensitivity(model: Transformer, spec: ModelSpec, bits: int, group_size: int, ranks: tuple[int, ...] | list[int],

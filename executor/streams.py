@@ -22,6 +22,10 @@ from dataclasses import dataclass
 import torch
 
 _ALIGN_BYTES = 256  # slot offsets aligned for vectorised copies and matmuls
+# Weight copies are issued in pieces this large so that small activation copies on the
+# compute stream can use the h2d link between them instead of waiting for a whole layer
+# (the simulator shows whole-tensor copies make cpu-computed layers pay compute + copy).
+COPY_PIECE_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,14 @@ def to_accelerator(x: torch.Tensor, devices: Devices) -> torch.Tensor:
     return x.clone()
 
 
+def _pieces(dst: torch.Tensor, src: torch.Tensor):
+    """(dst, src) flat views of at most COPY_PIECE_BYTES each (both contiguous, same size)."""
+    flat_dst, flat_src = dst.view(-1), src.view(-1)
+    step = max(COPY_PIECE_BYTES // src.element_size(), 1)
+    for start in range(0, flat_src.numel(), step):
+        yield flat_dst[start:start + step], flat_src[start:start + step]
+
+
 class _CudaCopier:
     """Copies on a side stream; completion and slot reuse ordered by events."""
 
@@ -73,7 +85,8 @@ class _CudaCopier:
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(freed)
             for dst, src in jobs:
-                dst.copy_(src, non_blocking=True)
+                for dst_piece, src_piece in _pieces(dst, src):
+                    dst_piece.copy_(src_piece, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         return done

@@ -128,6 +128,111 @@ def run_report_json(report) -> dict:
     }
 
 
+@app.command()
+def profile(
+    quick: Annotated[bool, typer.Option("--quick", help="About 30 s instead of a few minutes.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads the executor will use.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile file (default hwprofiles/<host>-<gpu>.yaml).")] = None,
+) -> None:
+    """Measure this machine (link, accelerator, host) and write a hardware profile."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from .hardware import save_profile
+    from .hwtable import profile_table
+    check_out_path(out)
+    try:
+        from executor.profiler import default_profile_path, profile_machine
+    except ImportError as exc:
+        raise OffplanError(f"offplan profile needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("profiling", total=1.0)
+
+        def progress(step: str, fraction: float) -> None:
+            bar.update(task, description=step, completed=fraction)
+        measured = profile_machine(quick=quick, threads=threads, progress=progress)
+    path = out or default_profile_path(measured)
+    save_profile(measured, path)
+    console.print(profile_table(measured))
+    console.print(f"profile written to [bold]{path}[/]; use it with `offplan solve MODEL --hw {path}`")
+
+
+@app.command()
+def simulate(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
+    hw: Annotated[Optional[str], typer.Option("--hw", help="Replay the same placement on another profile.")] = None,
+    vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
+    buffers: Annotated[int, typer.Option("--buffers", help="Prefetch buffer slots.")] = 2,
+    prefetch: Annotated[str, typer.Option("--prefetch", help="next-stage (the ILP's model) or next-streamed "
+                                                            "(the executor's engine).")] = "next-stage",
+    chunk: Annotated[Optional[str], typer.Option("--chunk", help="Copy weights in pieces of this size, e.g. 4MiB.")] = None,
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write a Chrome/Perfetto trace of the workload.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Replay a plan as events on accelerator, link and CPU: Gantt of one decode step + summary."""
+    from .gantt import gantt, summary_table
+    from .plan import load_plan
+    from .simulate import simulate_plan
+    from .trace import decode_step_events, whole_workload_events, workload_metadata, write_trace
+    from .units import parse_bytes
+    check_out_path(trace)
+    plan = load_plan(plan_file)
+    profile = load_hardware(hw, vram, ram, host_bw) if hw else None
+    if profile is None and (vram or ram or host_bw):
+        from .hardware import with_overrides
+        profile = with_overrides(plan.profile, parse_bytes(vram, "--vram") if vram else None,
+                                 parse_bytes(ram, "--ram") if ram else None, host_bw)
+    result = simulate_plan(plan, profile, buffers=buffers, prefetch=prefetch,
+                           copy_chunk_bytes=parse_bytes(chunk, "--chunk") if chunk else 0)
+    if trace is not None:
+        write_trace(trace, whole_workload_events(result, plan), workload_metadata(result, plan))
+    if json_out:
+        print_json({"decode_step_s": result.decode_step_s, "prefill_s": result.prefill_s,
+                    "ilp_decode_step_s": result.ilp_decode_step_s, "ilp_prefill_s": result.ilp_prefill_s,
+                    "busy_fraction": result.busy_fraction, "decode_bound": result.decode_bound,
+                    "per_stage_diff_s": dict(result.per_stage_diff_s)})
+        return
+    name = (profile or plan.profile).name
+    console.print(gantt(decode_step_events(result), width=min(console.width, 120),
+                        title=f"one decode step of {plan.model.name} on {name}"))
+    console.print(summary_table(result))
+    if trace is not None:
+        console.print(f"trace written to [bold]{trace}[/]: open it in chrome://tracing or https://ui.perfetto.dev")
+
+
+@app.command("compare")
+def compare_hardware(
+    model: Annotated[str, typer.Argument(help="model.yaml, config.json, .gguf or preset name.")],
+    hw: Annotated[list[str], typer.Option("--hw", help="Profiles to compare (repeat the option).")],
+    vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
+    prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
+    time_limit: TimeLimitOpt = 10.0, json_out: JsonOpt = False,
+) -> None:
+    """Solve the best plan on each profile and compare them in one table."""
+    from .errors import InfeasiblePlanError
+    from .render_compare import hardware_table
+    model_file = load_model(model)
+    rows = []
+    for name in hw:
+        profile = load_hardware(name, vram, ram, host_bw)
+        workload = resolve_workload(model_file, prompt, gen, batch)
+        scn = Scenario(model_file.spec, profile, workload)
+        try:
+            with console.status(f"solving for {profile.name}...", spinner="dots") if not json_out else _nullcontext():
+                solution = solve_placement(scn, SolverOptions(time_limit_s=time_limit))
+            rows.append((name, profile, solution.prediction, ""))
+        except InfeasiblePlanError as exc:
+            rows.append((name, profile, None, str(exc)))
+    if json_out:
+        print_json([{"profile": p.name, "fits": pr is not None, "reason": why,
+                     **({"ttft_s": pr.ttft_s, "decode_tokens_per_s": pr.decode_tokens_per_s,
+                         "decode_bound": pr.bound("decode")} if pr else {}),
+                     "price_usd": p.price_usd or None} for _, p, pr, why in rows])
+        return
+    console.print(f"[bold]{model_line(model_file.spec)}[/]")
+    console.print(hardware_table(rows))
+    for name, profile, _, _ in rows:
+        console.print(f"  {name}: {profile.name}", highlight=False)
+
+
 @hw_app.command("list")
 def hw_list(json_out: JsonOpt = False) -> None:
     """The shipped profiles with their key figures."""
@@ -139,7 +244,7 @@ def hw_list(json_out: JsonOpt = False) -> None:
                      "host_memory_bytes": p.host.memory_bytes, "host_mem_bw_gbps": p.host.mem_bw_gbps,
                      "source": p.source.kind} for n, p in zip(shipped_profile_names(), profiles)])
         return
-    console.print(profiles_overview_table(profiles))
+    console.print(profiles_overview_table(profiles, shipped_profile_names()))
 
 
 @hw_app.command("show")

@@ -169,6 +169,8 @@ class TensorOption:
     prefill: PathCost  # whole prefill
     decode_link_s: float  # h2d time to bring the weight in before each decode step
     prefill_link_s: float
+    decode_act_h2d_s: float  # activations this item sends up the link while its stage runs
+    prefill_act_h2d_s: float
     vram_bytes: int  # resident on the accelerator
     buffer_bytes: int  # needs a streaming buffer slot this large
     host_bytes: int  # weight storage in host memory
@@ -181,6 +183,7 @@ class KVOption:
     host_fraction: float
     decode: PathCost
     prefill: PathCost
+    decode_act_h2d_s: float  # O_c and L_c sent up per step (shares the link with streaming)
     vram_bytes: int
     host_bytes: int
 
@@ -224,13 +227,19 @@ def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
     # Prefill: the lm_head only runs on the last position of each sequence.
     pf_rows = scn.workload.batch if t.group == "head" else scn.prefill_rows
     if t.group == "embed":
+        row_bytes = scn.spec.hidden * scn.act_bytes
         return [TensorOption(d, False, 0, _embed_lookup(scn, d, dec_rows), _embed_lookup(scn, d, pf_rows),
-                             0.0, 0.0, W if d == "gpu" else 0, 0, W if d == "cpu" else 0, 0, 0.0)
+                             0.0, 0.0, h2d_s(scn.profile, dec_rows * row_bytes) if d == "cpu" else 0.0,
+                             h2d_s(scn.profile, pf_rows * row_bytes) if d == "cpu" else 0.0,
+                             W if d == "gpu" else 0, 0, W if d == "cpu" else 0, 0, 0.0)
                 for d in ("gpu", "cpu")]
     acc_dec, acc_pf = _matmul_on_acc(scn, t, dec_rows), _matmul_on_acc(scn, t, pf_rows)
     link_s = h2d_s(scn.profile, W)
     ranks = scn.rank_choices if (scn.spec.quantization and t.group in ("attn", "mlp")) else (0,)
     options = []
+    def up_s(rows: int) -> float:  # the output of a host computation going back up
+        return h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
+
     for rank in ranks:
         if rank:
             branch = compensation_branch(scn, t, rank, dec_rows)
@@ -240,12 +249,16 @@ def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
         else:
             dec, pf, recovered = acc_dec, acc_pf, 0.0
         comp = compensation_bytes(scn, t, rank)
-        options.append(TensorOption("gpu", False, rank, dec, pf, 0.0, 0.0, W, 0, 0, comp, recovered))
-        options.append(TensorOption("stream", False, rank, dec, pf, link_s, link_s, 0, W, W, comp, recovered))
+        act_dec, act_pf = (up_s(dec_rows), up_s(pf_rows)) if rank else (0.0, 0.0)
+        options.append(TensorOption("gpu", False, rank, dec, pf, 0.0, 0.0, act_dec, act_pf, W, 0, 0, comp,
+                                    recovered))
+        options.append(TensorOption("stream", False, rank, dec, pf, link_s, link_s, act_dec, act_pf, 0, W, W,
+                                    comp, recovered))
     options.append(TensorOption("cpu", False, 0, _matmul_on_host(scn, t, dec_rows),
-                                _matmul_on_host(scn, t, pf_rows), 0.0, 0.0, 0, 0, W, 0, 0.0))
+                                _matmul_on_host(scn, t, pf_rows), 0.0, 0.0, up_s(dec_rows), up_s(pf_rows),
+                                0, 0, W, 0, 0.0))
     options.append(TensorOption("cpu", True, 0, _matmul_on_host(scn, t, dec_rows), acc_pf,
-                                0.0, link_s, 0, W, W, 0, 0.0))
+                                0.0, link_s, up_s(dec_rows), 0.0, 0, W, W, 0, 0.0))
     return options
 
 
@@ -308,7 +321,9 @@ def kv_options(scn: Scenario) -> list[KVOption]:
     options = []
     for c in KV_LEVELS:
         host_bytes = int(round(c * full_kv_bytes))
+        out_bytes = scn.decode_rows * scn.spec.heads * (scn.spec.head_dim + 1) * 4  # O_c, L_c in fp32
         options.append(KVOption(c, attention_decode(scn, c), attention_prefill(scn, c),
+                                h2d_s(scn.profile, out_bytes) if c > 0 else 0.0,
                                 full_kv_bytes - host_bytes, host_bytes))
     return options
 

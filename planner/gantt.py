@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .simulate import KINDS, RESOURCES, Event, SimResult, event_kind
-from .units import fmt_seconds
+from .units import fmt_bytes, fmt_seconds
 
 KIND_COLOURS = {"compute": "green", "stream": "blue", "transfer": "magenta", "cpu": "yellow"}
 KIND_WORDS = {"compute": "accelerator compute", "stream": "weight streaming", "transfer": "activation transfers",
@@ -111,6 +111,7 @@ def summary_table(result: SimResult) -> Table:
     if result.per_stage_diff_s:
         stage, gap = max(result.per_stage_diff_s, key=lambda p: abs(p[1]))
         notes.append(f"largest stage difference: {stage} {'+' if gap >= 0 else '-'}{fmt_seconds(abs(gap))}")
-    notes.append(f"{result.buffers} prefetch buffers ({result.prefetch}), {result.cpu_workers} cpu worker(s)")
+    chunks = f", copies in {fmt_bytes(result.copy_chunk_bytes)} pieces" if result.copy_chunk_bytes else ""
+    notes.append(f"{result.buffers} prefetch buffers ({result.prefetch}){chunks}, {result.cpu_workers} cpu worker(s)")
     table.caption, table.caption_justify = "\n".join(notes), "left"
     return table

@@ -30,6 +30,11 @@ def fmt_rate(value: float) -> str:
     return f"{value:.3g}"
 
 
+def fmt_time(t_s: float) -> str:
+    """Like fmt_seconds, with a decimal below 10 µs: per-call overheads are often below 1 µs."""
+    return f"{t_s * 1e6:.2g} µs" if t_s < 1e-5 else fmt_seconds(t_s)
+
+
 def fmt_size_short(n_bytes: float) -> str:
     """65536 -> '64K', 1073741824 -> '1G' (curve points)."""
     for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
@@ -48,9 +53,12 @@ def source_text(profile: HardwareProfile) -> str:
     s = profile.source
     if profile.is_measured:
         return f"measured on {s.date}" if s.date else "measured"
-    n = len(s.citations)
     dated = f" ({s.date})" if s.date else ""
-    return f"datasheet{dated}, {n} citation{'s' if n != 1 else ''}"
+    return f"datasheet{dated}, {_citations(s.citations)}"
+
+
+def _citations(citations: dict[str, str]) -> str:
+    return f"{len(citations)} citation{'s' if len(citations) != 1 else ''}"
 
 
 def _flops_rows(prefix: str, flops_tflops: dict[str, float]) -> list[Row]:
@@ -68,8 +76,9 @@ def _accelerator_rows(p: HardwareProfile) -> list[Row]:
              ("memory bandwidth", f"{fmt_rate(a.mem_bw_gbps)} GB/s", "accelerator.mem_bw_gbps"),
              *_flops_rows("accelerator", a.flops_tflops),
              ("matmul efficiency", f"{a.matmul_efficiency:.0%} of peak", "accelerator.matmul_efficiency"),
-             ("GEMV efficiency", f"{a.gemv_efficiency:.0%} of memory bandwidth", "accelerator.gemv_efficiency"),
-             ("operator overhead", fmt_seconds(a.op_overhead_s), "accelerator.op_overhead_s")]
+             ("GEMV efficiency", f"{a.gemv_efficiency:.0%} of memory bandwidth",
+              "accelerator.gemv_efficiency"),
+             ("operator overhead", fmt_time(a.op_overhead_s), "accelerator.op_overhead_s")]
     if a.pcie_generation and a.pcie_width:
         rows.append(("PCIe", f"gen{a.pcie_generation} x{a.pcie_width} "
                      f"({fmt_rate(pcie_gbps(a.pcie_generation, a.pcie_width))} GB/s per direction)",
@@ -81,7 +90,7 @@ def _link_rows(p: HardwareProfile) -> list[Row]:
     k = p.link
     rows: list[Row] = [("host → device", f"{fmt_rate(k.h2d_gbps)} GB/s (pinned)", "link.h2d_gbps"),
                        ("device → host", f"{fmt_rate(k.d2h_gbps)} GB/s (pinned)", "link.d2h_gbps"),
-                       ("latency", f"{fmt_seconds(k.latency_s)} per transfer", "link.latency_s")]
+                       ("latency", f"{fmt_time(k.latency_s)} per transfer", "link.latency_s")]
     for label, name, pinned in (("h2d by size", "h2d_curve", None), ("d2h by size", "d2h_curve", None),
                                 ("h2d pageable", "h2d_pageable_curve", k.h2d_curve),
                                 ("d2h pageable", "d2h_pageable_curve", k.d2h_curve)):
@@ -105,7 +114,7 @@ def _host_rows(p: HardwareProfile) -> list[Row]:
              *_flops_rows("host", h.flops_tflops),
              ("matmul efficiency", f"{h.matmul_efficiency:.0%} of peak", "host.matmul_efficiency"),
              ("GEMV efficiency", f"{h.gemv_efficiency:.0%} of memory bandwidth", "host.gemv_efficiency"),
-             ("operator overhead", fmt_seconds(h.op_overhead_s), "host.op_overhead_s"),
+             ("operator overhead", fmt_time(h.op_overhead_s), "host.op_overhead_s"),
              ("attention", attention, "host.attention_gbps")]
     return rows
 
@@ -129,7 +138,8 @@ def _evidence(p: HardwareProfile, path: str) -> str:
 
 
 def profile_table(profile: HardwareProfile) -> Table:
-    """Every figure of one profile with units, its spread (measured) or citation (datasheet)."""
+    """Every figure of one profile with units, its spread (measured) or citation (datasheet);
+    the caption says where the figures come from."""
     table = Table(title=profile.name, caption=source_text(profile), title_justify="left",
                   caption_justify="left")
     table.add_column("part", style="bold")
@@ -142,9 +152,6 @@ def profile_table(profile: HardwareProfile) -> Table:
         for i, (figure, value, path) in enumerate(rows):
             table.add_row(part if i == 0 else "", figure, value, _evidence(profile, path),
                           end_section=i == len(rows) - 1)
-    s = profile.source
-    detail = s.date if profile.is_measured else f"{len(s.citations)} citations" + (f", {s.date}" if s.date else "")
-    table.add_row("source", s.kind, detail, "")
     return table
 
 
@@ -152,8 +159,8 @@ def profiles_overview_table(profiles: list[HardwareProfile], names: list[str] | 
     """Key figures of several profiles, one row each. `names`: what to pass to `--hw` for each
     (shipped names such as 'rtx4090'); default: each profile's own name."""
     table = Table(title="Hardware profiles", title_justify="left")
-    table.add_column("name", no_wrap=True)
-    table.add_column("accelerator", ratio=1)
+    table.add_column("name", max_width=30)
+    table.add_column("accelerator", min_width=12, ratio=1)
     for column in ("VRAM", "mem bw\nGB/s", "bf16\nTFLOPS", "link\nGB/s", "host RAM", "host bw\nGB/s",
                    "price"):
         table.add_column(column, justify="right", no_wrap=True)

@@ -266,6 +266,13 @@ def build_problem(tables: OptionTables, options: SolverOptions):
         return pulp.lpSum(getattr(o, attr) * scale * v for t, vars_ in zip(rep[g], x[g])
                           for o, v in zip(tables.tensor[t.name], vars_))
 
+    def own_link(g, phase):
+        """h2d time of activations unit g sends up (they share the link with prefetching)."""
+        expr = unit_sum(g, f"{phase}_act_h2d_s", MS)
+        if g < len(groups) and phase == "decode":
+            expr += pulp.lpSum(o.decode_act_h2d_s * MS * v for o, v in zip(tables.kv, z[g]))
+        return expr
+
     def unit_path(g, phase):
         fixed = (tables.fixed_decode if phase == "decode" else tables.fixed_prefill)[
             head.name if g == len(groups) else tables.stages[groups[g][0]].name]
@@ -308,15 +315,17 @@ def build_problem(tables: OptionTables, options: SolverOptions):
         nxt = (g + 1) % n_units
         path_dec, path_pf = unit_path(g, "decode"), unit_path(g, "prefill")
         prob += t_out_dec[g] >= path_dec, f"decode_path_{g}"
-        prob += t_out_dec[g] >= unit_sum(nxt, "decode_link_s", MS), f"decode_link_{g}"
+        prob += t_out_dec[g] >= unit_sum(nxt, "decode_link_s", MS) + own_link(g, "decode"), f"decode_link_{g}"
         prob += t_out_pf[g] >= path_pf, f"prefill_path_{g}"
-        if g + 1 < n_units:
-            prob += t_out_pf[g] >= unit_sum(nxt, "prefill_link_s", MS), f"prefill_link_{g}"
+        next_pf = unit_sum(nxt, "prefill_link_s", MS) if g + 1 < n_units else 0
+        prob += t_out_pf[g] >= next_pf + own_link(g, "prefill"), f"prefill_link_{g}"
         if g < len(groups) and sizes[g] > 1:
             prob += t_in_dec[g] >= path_dec, f"decode_path_inner_{g}"
-            prob += t_in_dec[g] >= unit_sum(g, "decode_link_s", MS), f"decode_link_inner_{g}"
+            prob += t_in_dec[g] >= unit_sum(g, "decode_link_s", MS) + own_link(g, "decode"), \
+                f"decode_link_inner_{g}"
             prob += t_in_pf[g] >= path_pf, f"prefill_path_inner_{g}"
-            prob += t_in_pf[g] >= unit_sum(g, "prefill_link_s", MS), f"prefill_link_inner_{g}"
+            prob += t_in_pf[g] >= unit_sum(g, "prefill_link_s", MS) + own_link(g, "prefill"), \
+                f"prefill_link_inner_{g}"
         prob += buffer_gib >= unit_sum(g, "buffer_bytes", 1 / GIB), f"buffer_{g}"
 
     # ---- constraints: memory per device -------------------------------------------------

@@ -86,7 +86,7 @@ class MemoryUse:
 class StageTime:
     name: str
     decode_path: PathCost
-    decode_link_s: float  # prefetch of the next stage's streamed weights, overlapped with this one
+    decode_link_s: float  # h2d link: prefetch of the next stage + this stage's activations going up
     prefill_path: PathCost
     prefill_link_s: float
 
@@ -184,7 +184,7 @@ def chosen_options(tables: OptionTables, placement: Placement) -> tuple[dict[str
 def predict(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOption]) -> Prediction:
     """Aggregate chosen options into a Prediction (the same sums the ILP encodes)."""
     scn, stages = tables.scenario, tables.stages
-    paths_d, paths_p, links_d, links_p, buffers = [], [], [], [], []
+    paths_d, paths_p, links_d, links_p, buffers, own_d, own_p = [], [], [], [], [], [], []
     for st in stages:
         opts = [tensor[t.name] for t in st.tensors]
         pd, pp = tables.fixed_decode[st.name], tables.fixed_prefill[st.name]
@@ -196,11 +196,15 @@ def predict(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOp
         paths_p.append(pp)
         links_d.append(sum(o.decode_link_s for o in opts))
         links_p.append(sum(o.prefill_link_s for o in opts))
+        # Activations this stage sends up share the h2d link with the next stage's prefetch.
+        own_d.append(sum(o.decode_act_h2d_s for o in opts)
+                     + (kv[st.layer].decode_act_h2d_s if st.layer is not None else 0.0))
+        own_p.append(sum(o.prefill_act_h2d_s for o in opts))
         buffers.append(sum(o.buffer_bytes for o in opts))
     n = len(stages)
     # Decode is cyclic: while stage s computes, stage s+1 (the head wraps to layer 0) streams in.
-    times = tuple(StageTime(st.name, paths_d[i], links_d[(i + 1) % n], paths_p[i],
-                            links_p[i + 1] if i + 1 < n else 0.0) for i, st in enumerate(stages))
+    times = tuple(StageTime(st.name, paths_d[i], links_d[(i + 1) % n] + own_d[i], paths_p[i],
+                            (links_p[i + 1] if i + 1 < n else 0.0) + own_p[i]) for i, st in enumerate(stages))
     vram, host = memory_use(tables, tensor, kv, max(buffers, default=0))
     recov = [o.recovered for o in tensor.values() if scn.spec.quantization and o.device != "cpu"]
     quantized = [t for t in scn.spec.tensors() if t.group in ("attn", "mlp")]

@@ -20,7 +20,9 @@ step time to grow with the verify width, which a link bandwidth curve rising ste
 transfer size does not guarantee; the LP bound needs no such assumption.
 
 Combinations are compared by seconds per sequence (`Prediction.total_s / batch`), which is
-the total workload time when a single batch size is searched.
+the total workload time when a single batch size is searched. Under `quality_mode="max"` the
+ILP maximises recovered quantization error instead of minimising time, so its relaxation
+bounds nothing about time: every combination is then solved (`solve_compensated`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import pulp
 from .cost import Scenario, expected_tokens_per_step
 from .errors import InfeasiblePlanError, OffplanError
 from .hardware import HardwareProfile
-from .ilp import MS, Solution, SolverOptions, build_problem, check_lower_bounds, pick_solver, solve_placement
+from .ilp import MS, Solution, SolverOptions, build_problem, check_lower_bounds, pick_solver, solve_compensated
 from .modelfile import DraftCandidate
 from .plan import Plan, make_plan
 from .predict import OptionTables, option_tables
@@ -176,7 +178,7 @@ def search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, drafts
         job = jobs[i]
         say(f"solving {job.candidate().label} (lower bound {fmt_seconds(bounds[i])})")
         try:
-            solution = solve_placement(job.scenario, options, tables[i])
+            solution = solve_compensated(job.scenario, options, tables[i])
         except InfeasiblePlanError as exc:
             errors[i], done[i] = exc, _infeasible(job, exc, bounds[i])
             return
@@ -230,7 +232,8 @@ def search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, drafts
 def relaxation_bound_s(tables: OptionTables, options: SolverOptions,
                        lp_solver: pulp.LpSolver | None = None) -> float | None:
     """Optimum of the placement ILP's LP relaxation in seconds: a lower bound on the ILP's
-    objective. None when the relaxation is infeasible; 0.0 when the solver gave no optimum."""
+    objective. None when the relaxation is infeasible; 0.0 when the solver gave no optimum or the
+    objective is not time (quality_mode "max")."""
     prob, *_ = build_problem(tables, options)
     for var in prob.variables():
         var.cat = pulp.LpContinuous
@@ -238,7 +241,7 @@ def relaxation_bound_s(tables: OptionTables, options: SolverOptions,
     status = pulp.LpStatus[prob.status]
     if status == "Infeasible":
         return None
-    if status != "Optimal":
+    if status != "Optimal" or options.quality_mode is not None:
         return 0.0
     return max(pulp.value(prob.objective) / MS, 0.0)
 

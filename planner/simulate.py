@@ -1,27 +1,27 @@
-"""Discrete-event simulation of a plan: every op, copy and transfer as an event on the
-resources that really run concurrently (DESIGN §4, "The simulator").
+"""Discrete-event simulation of a plan: every op, weight copy and activation transfer as an
+event on the resources that really run concurrently (DESIGN §4, "The simulator").
 
 Resources: `accelerator` (one in-order stream), the `h2d` and `d2h` link directions (each
-serves transfers first come, first served, so activations queue behind weight copies
-already issued), and `cpu` (`cpu_workers` threads). Within a stage ops run in execution
-order (elementwise, q, k, v, attention, o, gate, up, down; the head is the final norm,
-lm_head, argmax, then the next step's draft forwards and embedding), each waiting for the
-previous one; hybrid attention and compensation branches run their host side concurrently
-and join before the next op.
+serves transfers in the order they become ready, so an activation queues behind weight
+copies already issued), and `cpu` (`cpu_workers` threads). Ops run in execution order, each
+after the one before (elementwise, q, k, v, attention, o, gate, up, down; the head is
+lm_head, final norm and argmax, then the next step's draft forwards and embedding); hybrid
+attention and compensation branches run their host side concurrently and join before the
+next op, so at most one host task runs at a time in today's op graph.
 
-Streaming: a stage's streamed weights are copied into one of `buffers` slots; the stage's
-first op waits for its whole copy, and a copy starts only once its slot is free (the stage
-that last used it has finished). With `prefetch="next-stage"` (the model of DESIGN §4 and
-the ILP) every stage takes the next slot in turn, so 2 buffers reproduce the ILP's
-per-stage max(compute, next copy) and 1 buffer never beats it. With `"next-streamed"`
-only stages that stream take slots, as executor/streams.py does: copies run ahead across
-stages that stream nothing, which the ILP does not credit.
+Streaming: a stage's weights are copied into one of `buffers` slots; the stage's first op
+waits for its whole copy, and a copy starts once its slot is free (the stage that last used
+it has finished). With `prefetch="next-stage"` (DESIGN §4, the ILP's model) every stage
+takes the next slot in turn: 2 buffers reproduce the ILP's per-stage max(compute, next
+copy) and 1 buffer never beats it. With `"next-streamed"` only stages that stream take
+slots, as executor/streams.py does, so copies run ahead across resident stages.
+`copy_chunk_bytes` splits copies into pieces issued one after another, letting activation
+transfers through between pieces.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +31,7 @@ from .errors import OffplanError
 from .hardware import HardwareProfile
 from .placement import Placement, check_placement
 from .plan import Plan
-from .predict import chosen_options, find_option, option_tables, predict
+from .predict import Prediction, chosen_options, find_option, option_tables, predict
 from .spec import TensorSpec
 
 RESOURCES = ("accelerator", "h2d", "d2h", "cpu")
@@ -83,6 +83,7 @@ class SimResult:
     buffers: int = 2
     cpu_workers: int = 1
     prefetch: str = "next-stage"
+    copy_chunk_bytes: int = 0
 
     @property
     def decode_bound(self) -> str:
@@ -90,7 +91,7 @@ class SimResult:
         return max(self.critical_by_kind_s, key=self.critical_by_kind_s.get)
 
 
-# ---- cost pieces cost.py only exposes merged -------------------------------------------------
+# ---- cost pieces cost.py only exposes merged (they belong there) ---------------------------
 
 def matmul_rows(scn: Scenario, t: TensorSpec, phase: str) -> int:
     """Rows through `t`: prefill runs lm_head on the last position of each sequence only."""
@@ -160,8 +161,8 @@ class _Unit:
 class _Builder:
     """Turns the chosen options of a plan into op templates, phase by phase."""
 
-    def __init__(self, scn: Scenario, placement: Placement):
-        self.scn = scn
+    def __init__(self, scn: Scenario, placement: Placement, chunk_bytes: int):
+        self.scn, self.chunk_bytes = scn, chunk_bytes
         self.tables = option_tables(scn)
         self.tensor, self.kv = chosen_options(self.tables, placement)
         self.prediction = predict(self.tables, self.tensor, self.kv)
@@ -205,9 +206,21 @@ class _Builder:
         return [((op("accelerator", name, p.device_s),), host), ((op("accelerator", f"{name} merge", p.merge_s),),)]
 
     def copies(self, tensors, phase: str, stage: str) -> tuple[_Op, ...]:
-        link = "decode_link_s" if phase == "decode" else "prefill_link_s"
-        return tuple(_Op("h2d", STREAM_PREFIX + t.name, getattr(self.tensor[t.name], link), stage, phase)
-                     for t in tensors if getattr(self.tensor[t.name], link) > 0)
+        """Weight copies of a stage: one per streamed tensor, or `chunk_bytes` pieces of it."""
+        link, out = "decode_link_s" if phase == "decode" else "prefill_link_s", []
+        for t in tensors:
+            whole_s = getattr(self.tensor[t.name], link)
+            if whole_s <= 0:
+                continue
+            n = -(-t.n_bytes // self.chunk_bytes) if self.chunk_bytes else 1
+            if n == 1:
+                out.append(_Op("h2d", STREAM_PREFIX + t.name, whole_s, stage, phase))
+                continue
+            for k in range(n):
+                size = min(self.chunk_bytes, t.n_bytes - k * self.chunk_bytes)
+                out.append(_Op("h2d", f"{STREAM_PREFIX}{t.name} [{k + 1}/{n}]", h2d_s(self.scn.profile, size),
+                               stage, phase))
+        return tuple(out)
 
     def layer_unit(self, layer: int, phase: str) -> _Unit:
         stage, tensors = f"layer {layer}", self.scn.spec.layer_tensors(layer)
@@ -262,15 +275,15 @@ class _Builder:
 @dataclass
 class _Timeline:
     ops: list[_Op]
-    deps: list[list[int]]
     start: list[float]
     end: list[float]
     binding: list[int]  # the task whose end let this one start (-1: none)
 
 
-def _instantiate(units: list[_Unit], buffers: int, prefetch: str):
-    """Tasks with dependencies; per unit the task ids of each step (in program order)."""
-    ops, deps, steps_of, unit_end = [], [], [], []
+def _instantiate(units: list[_Unit], buffers: int, prefetch: str, chained_copies: bool):
+    """Tasks with dependencies; per unit the task ids of each step (in program order).
+    Chained copies are issued one after another, so activation transfers slip in between."""
+    ops, deps, steps_of, unit_end, last_copy = [], [], [], [], []
     streamed = [i for i, u in enumerate(units) if u.copies] if prefetch == "next-streamed" else list(range(len(units)))
     slot_after = {u: streamed[k - buffers] for k, u in enumerate(streamed) if k >= buffers}
     prev, last_acc = [], -1
@@ -285,7 +298,10 @@ def _instantiate(units: list[_Unit], buffers: int, prefetch: str):
 
     for i, unit in enumerate(units):
         free = unit_end[slot_after[i]] if i in slot_after else []
-        copy_ids = [add(op, list(free)) for op in unit.copies]
+        copy_ids = []
+        for op in unit.copies:
+            copy_ids.append(add(op, list(free) + last_copy))
+            last_copy = [copy_ids[-1]] if chained_copies else []
         steps, first = [], True
         for step in unit.steps:
             ids, join = [], []
@@ -337,7 +353,7 @@ def _schedule(ops: list[_Op], deps: list[list[int]], cpu_workers: int) -> _Timel
                     ready_at[j], last_dep[j] = end[i], i
                 if not waiting[j]:
                     heapq.heappush(queues[ops[j].resource], (ready_at[j], j))
-    return _Timeline(ops, deps, start, end, binding)
+    return _Timeline(ops, start, end, binding)
 
 
 # ---- reading the timeline -------------------------------------------------------------------
@@ -368,48 +384,49 @@ def _critical_path(tl: _Timeline, anchor: int, lo: float, hi: float) -> tuple[li
 
 
 def simulate_plan(plan: Plan, profile: HardwareProfile | None = None, buffers: int = 2, cpu_workers: int = 1,
-                  decode_steps: int = 3, prefetch: str = "next-stage") -> SimResult:
-    """Simulate prefill and `decode_steps` decode steps of `plan` (on `profile`, default the plan's)."""
-    for name, value in (("buffers", buffers), ("cpu_workers", cpu_workers), ("decode_steps", decode_steps)):
-        if not isinstance(value, int) or value < 1:
-            raise SimulationError(f"{name}: must be a whole number of at least 1, got {value!r}")
+                  decode_steps: int = 3, prefetch: str = "next-stage", copy_chunk_bytes: int = 0) -> SimResult:
+    """Simulate prefill and `decode_steps` decode steps of `plan` (on `profile`, default the plan's).
+    `copy_chunk_bytes` > 0 copies weights in pieces of that size, issued one after another."""
+    for name, value, least in (("buffers", buffers, 1), ("cpu_workers", cpu_workers, 1),
+                               ("decode_steps", decode_steps, 1), ("copy_chunk_bytes", copy_chunk_bytes, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SimulationError(f"{name}: must be a whole number of at least {least}, got {value!r}")
     if prefetch not in PREFETCH_MODES:
         raise SimulationError(f"prefetch: unknown {prefetch!r}; expected one of {', '.join(PREFETCH_MODES)}")
     check_placement(plan.model, plan.placement)
-    builder = _Builder(plan.scenario(profile), plan.placement)
+    builder = _Builder(plan.scenario(profile), plan.placement, copy_chunk_bytes)
     units, prefill_last, anchors = builder.units(decode_steps)
-    ops, deps, steps_of = _instantiate(units, buffers, prefetch)
+    ops, deps, steps_of = _instantiate(units, buffers, prefetch, copy_chunk_bytes > 0)
     tl = _schedule(ops, deps, cpu_workers)
+    prefill_s = max(tl.end[i] for ids in steps_of[prefill_last] for i in ids if ops[i].phase == "prefill")
+    return SimResult(**_read_decode(tl, steps_of, anchors, builder.prediction, cpu_workers),
+                     prefill_s=prefill_s, ilp_prefill_s=builder.prediction.prefill_s, buffers=buffers,
+                     cpu_workers=cpu_workers, prefetch=prefetch, copy_chunk_bytes=copy_chunk_bytes)
 
-    def unit_start(u: int) -> float:
-        return min(tl.start[i] for i in steps_of[u][0])
 
-    s = [unit_start(u) for u in anchors]
-    n = decode_steps
-    step_s = (s[n] - s[1]) / (n - 1) if n >= 2 else s[1] - s[0]
+def _read_decode(tl: _Timeline, steps_of: list[list[list[int]]], anchors: list[int], pred: Prediction,
+                 cpu_workers: int) -> dict:
+    """Step time, per-stage times, busy shares and critical path of the last simulated step,
+    the window from layer 0 of step n-1 to layer 0 of step n; events up to its end."""
+    s = [min(tl.start[i] for i in steps_of[u][0]) for u in anchors]
+    n = len(anchors) - 1
     lo, hi = s[n - 1], s[n]
-    window_steps = [ids for u in range(anchors[n - 1], anchors[n]) for ids in steps_of[u]]
-    pred = builder.prediction
-    sim_stage = _per_stage_s(tl, window_steps, hi)
+    window = [ids for u in range(anchors[n - 1], anchors[n]) for ids in steps_of[u]]
+    sim_stage = _per_stage_s(tl, window, hi)
     ilp_stage = {st.name: st.decode_s for st in pred.stages}
     if pred.draft_step_s > 0:
         ilp_stage["draft"] = pred.draft_step_s
-    anchor_task = min(steps_of[anchors[n]][0], key=lambda i: tl.start[i])
-    path, by_kind = _critical_path(tl, anchor_task, lo, hi)
-    width = hi - lo
+    path, by_kind = _critical_path(tl, min(steps_of[anchors[n]][0], key=lambda i: tl.start[i]), lo, hi)
     busy = {}
     for r in RESOURCES:
-        total = sum(_clipped_s(tl, i, lo, hi) for i, op in enumerate(ops) if op.resource == r)
-        busy[r] = total / (width * (cpu_workers if r == "cpu" else 1)) if width > 0 else 0.0
-    events = tuple(Event(op.resource, op.name, tl.start[i], tl.end[i], op.stage, op.phase)
-                   for i, op in enumerate(ops) if tl.end[i] > tl.start[i] and tl.start[i] < hi)
-    prefill_end = max(tl.end[i] for ids in steps_of[prefill_last] for i in ids
-                      if tl.ops[i].phase == "prefill")
-    return SimResult(
+        total = sum(_clipped_s(tl, i, lo, hi) for i, op in enumerate(tl.ops) if op.resource == r)
+        busy[r] = total / ((hi - lo) * (cpu_workers if r == "cpu" else 1)) if hi > lo else 0.0
+    events = [Event(op.resource, op.name, tl.start[i], tl.end[i], op.stage, op.phase)
+              for i, op in enumerate(tl.ops) if tl.end[i] > tl.start[i] and tl.start[i] < hi]
+    return dict(
         events=tuple(sorted(events, key=lambda e: (e.start_s, RESOURCES.index(e.resource)))),
-        decode_step_s=step_s, prefill_s=prefill_end, busy_fraction=busy,
-        critical_path=tuple(tl.ops[i].name for i in path),
-        ilp_decode_step_s=pred.decode_step_s, ilp_prefill_s=pred.prefill_s,
+        decode_step_s=(s[n] - s[1]) / (n - 1) if n >= 2 else s[1] - s[0],
+        busy_fraction=busy, critical_path=tuple(tl.ops[i].name for i in path),
+        ilp_decode_step_s=pred.decode_step_s,
         per_stage_diff_s=tuple((name, sim_stage.get(name, 0.0) - ilp) for name, ilp in ilp_stage.items()),
-        critical_by_kind_s=by_kind, step_starts_s=tuple(s), buffers=buffers, cpu_workers=cpu_workers,
-        prefetch=prefetch)
+        critical_by_kind_s=by_kind, step_starts_s=tuple(s))

@@ -167,6 +167,7 @@ def workload_metadata(result: SimResult, plan: Plan) -> dict:
     shown = shown_steps(n)
     meta = {"model": plan.model.name, "profile": plan.profile.name, "strategy": plan.provenance.strategy,
             "buffers": result.buffers, "cpu_workers": result.cpu_workers, "prefetch": result.prefetch,
+            "copy_chunk_bytes": result.copy_chunk_bytes,
             "prefill_s": result.prefill_s, "decode_step_s": result.decode_step_s,
             "ilp_prefill_s": result.ilp_prefill_s, "ilp_decode_step_s": result.ilp_decode_step_s,
             "decode_steps": n, "decode_steps_shown": shown,

@@ -1,0 +1,205 @@
+"""`offplan profile` on this machine: a loopback profile (no CUDA here) whose every figure is
+positive and physically sane, that saves and loads back equal, and whose link curves follow
+the cost model's `latency + bytes / curve(size)` convention."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+
+from executor import measure, profiler
+from executor.measure import Figure, Settings, Target, Timing
+from planner.cost import h2d_s
+from planner.errors import HardwareError
+from planner.hardware import HardwareProfile, load_profile, save_profile
+
+MIB = 2**20
+loopback_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the loopback profile")
+
+
+@pytest.fixture(scope="module")
+def tiny_run() -> tuple[HardwareProfile, list[tuple[str, float]]]:
+    """The smallest sweep, one thread (a busy 2-core machine cannot stall a parallel region)."""
+    calls: list[tuple[str, float]] = []
+    profile = profiler.measure_profile(profiler.TINY, threads=1,
+                                       progress=lambda step, done: calls.append((step, done)))
+    return profile, calls
+
+
+def assert_sane(p: HardwareProfile, threads: int) -> None:
+    a, k, h = p.accelerator, p.link, p.host
+    assert a.loopback and a.name.startswith("loopback (CPU: ")
+    assert p.is_measured and p.source.date and "loopback" in p.source.notes
+    for name, gbps in (("accelerator", a.mem_bw_gbps), ("host", h.mem_bw_gbps)):
+        assert 1 <= gbps <= 1000, f"{name} memory bandwidth {gbps} GB/s"
+    for gbps in (k.h2d_gbps, k.d2h_gbps):
+        assert 0.5 <= gbps <= 1000
+    for flops in (*a.flops_tflops.values(), *h.flops_tflops.values()):
+        assert 1e9 <= flops * 1e12 <= 1e15
+    assert set(h.flops_tflops) == {"fp32", "bf16"}
+    assert 0 < k.latency_s < 1e-3
+    assert 0 < a.op_overhead_s < 1e-3 and 0 < h.op_overhead_s < 1e-3
+    assert 0 < a.gemv_efficiency <= 1 and 0 < h.gemv_efficiency <= 1
+    assert a.matmul_efficiency == 1.0 and h.matmul_efficiency == 1.0
+    assert 0.1 <= h.attention_gbps <= 1000
+    # loopback: the CPU's figures on both sides, and available RAM split between them
+    assert (a.mem_bw_gbps, a.flops_tflops) == (h.mem_bw_gbps, h.flops_tflops)
+    assert abs(a.memory_bytes - h.memory_bytes) <= 1 and h.available_bytes == h.memory_bytes
+    assert p.reserve_bytes == profiler.LOOPBACK_RESERVE_BYTES and p.vram_usable_bytes > 0
+    assert h.cores >= 1 and h.threads == threads
+    for curve in (k.h2d_curve, k.d2h_curve, k.h2d_pageable_curve, k.d2h_pageable_curve):
+        assert curve and all(size > 0 and gbps > 0 for size, gbps in curve)
+    for key in ("link.h2d_gbps", "link.latency_s", "link.h2d_curve", "accelerator.mem_bw_gbps",
+                "accelerator.flops_tflops.bf16", "host.gemv_efficiency", "host.attention_gbps"):
+        assert p.spread[key] > 0
+
+
+@loopback_only
+def test_tiny_profile_is_a_sane_loopback_profile(tiny_run):
+    profile, _ = tiny_run
+    assert_sane(profile, threads=1)
+    assert [size for size, _ in profile.link.h2d_curve] == list(profiler.TINY.link_sizes_bytes)
+    assert profile.link.h2d_gbps == profile.link.h2d_curve[-1][1]
+    assert "link.h2d_pageable_curve" not in profile.spread  # loopback: a copy of the pinned curve
+
+
+@loopback_only
+def test_progress_reports_no_cuda_then_every_step_in_order(tiny_run):
+    _, calls = tiny_run
+    assert "no CUDA device" in calls[0][0] and "loopback" in calls[0][0]
+    fractions = [done for _, done in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 0.0 <= fractions[0]
+    steps = [step for step, _ in calls]
+    assert any(s.startswith("link h2d pinned") for s in steps)
+    assert any("attention" in s for s in steps) and any("bf16 matmul" in s for s in steps)
+
+
+def test_threads_are_restored_and_zero_threads_is_refused():
+    before = torch.get_num_threads()
+    with pytest.raises(HardwareError, match="--threads"):
+        profiler.measure_profile(profiler.TINY, threads=0)
+    assert torch.get_num_threads() == before
+
+
+@loopback_only
+def test_profile_saves_to_its_default_path_and_loads_back_equal(tiny_run, tmp_path, monkeypatch):
+    profile, _ = tiny_run
+    monkeypatch.chdir(tmp_path)
+    path = profiler.default_profile_path(profile)
+    assert path.parent.name == "hwprofiles"
+    assert re.fullmatch(r"[a-z0-9-]+-loopback\.yaml", path.name)
+    save_profile(profile, path)
+    loaded = load_profile(str(path))
+    assert loaded == profile and loaded.digest == profile.digest
+
+
+@loopback_only
+def test_quick_profile(tmp_path):
+    profile = profiler.profile_machine(quick=True)
+    assert_sane(profile, threads=torch.get_num_threads())
+    assert max(size for size, _ in profile.link.h2d_curve) == 256 * MIB
+    save_profile(profile, tmp_path / "quick.yaml")
+    assert load_profile(str(tmp_path / "quick.yaml")) == profile
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d["accelerator"].pop("mem_bw_gbps"), "accelerator.mem_bw_gbps"),
+    (lambda d: d["link"].update(h2d_gbps=-5.0), "link.h2d_gbps"),
+    (lambda d: d["host"].update(memory_bytes=-1), "host.memory_bytes"),
+    (lambda d: d["link"].update(latency_s=-1e-6), "link.latency_s"),
+])
+def test_a_missing_or_negative_field_is_named(tiny_run, tmp_path, edit, field):
+    profile, _ = tiny_run
+    save_profile(profile, tmp_path / "good.yaml")
+    data = yaml.safe_load((tmp_path / "good.yaml").read_text())
+    edit(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(HardwareError, match=re.escape(field)) as err:
+        load_profile(str(bad))
+    assert "\n" not in str(err.value)
+
+
+def test_a_gpu_profile_assembles_from_the_same_sweep():
+    """The CUDA code path without CUDA: the 'device' is the CPU (the timing kernels' twins), the
+    facts NVML and torch.cuda would give are made up; everything after them runs for real."""
+    gpu = profiler.GpuFacts(device=torch.device("cpu"), name="Test GPU 24GB", total_bytes=24 * 2**30,
+                            free_bytes=22 * 2**30, used_by_others_bytes=1536 * MIB, context_bytes=500 * MIB,
+                            pcie_generation=4, pcie_width=16, bf16=True)
+    small = replace(profiler.TINY, link_sizes_bytes=(64 * 1024, MIB), copy_bytes=16 * MIB,
+                    cpu_gemm_shapes=((64, 256, 256),), cuda_gemm_shapes=((32, 64, 64),),
+                    gemv_shape=(512, 512), attention_tokens=1024)
+    host = profiler.probe_host()
+    p = profiler._profile_with(small, 1, lambda step, done: None, host, gpu)
+    a = p.accelerator
+    assert not a.loopback and a.name == "Test GPU 24GB" and p.name.endswith("-test-gpu-24gb")
+    assert a.memory_bytes == 24 * 2**30 and a.used_by_others_bytes == 1536 * MIB
+    assert (a.pcie_generation, a.pcie_width) == (4, 16)
+    assert set(a.flops_tflops) == {"bf16", "fp16", "fp32"} and "fp16" not in p.host.flops_tflops
+    assert p.reserve_bytes == 500 * MIB + int(profiler.FRAGMENTATION_FRACTION * 24 * 2**30)
+    assert p.vram_usable_bytes == a.memory_bytes - a.used_by_others_bytes - p.reserve_bytes
+    assert p.host.memory_bytes == host.ram_total_bytes and p.host.available_bytes == host.ram_available_bytes
+    assert p.host_usable_bytes == host.ram_available_bytes - profiler.HOST_RESERVE_BYTES
+    assert [size for size, _ in p.link.d2h_pageable_curve] == [64 * 1024, MIB]
+    assert "PCIe gen4 x16: theoretical 31.5 GB/s" in p.source.notes
+    assert "accelerator.flops_tflops.fp16" in p.spread and "link.d2h_pageable_curve" in p.spread
+
+
+# ---- the pieces, on synthetic inputs --------------------------------------------------------
+
+def test_parse_proc_files():
+    cpuinfo = ("processor\t: 0\nmodel name\t: Test CPU 9000\nphysical id\t: 0\ncore id\t\t: 0\n\n"
+               "processor\t: 1\nmodel name\t: Test CPU 9000\nphysical id\t: 0\ncore id\t\t: 0\n\n"
+               "processor\t: 2\nmodel name\t: Test CPU 9000\nphysical id\t: 0\ncore id\t\t: 1\n")
+    assert profiler.parse_cpuinfo(cpuinfo) == ("Test CPU 9000", 2)  # 3 threads on 2 cores
+    assert profiler.parse_cpuinfo("processor\t: 0\nBogoMIPS\t: 50.00\n") == ("", 0)
+    meminfo = "MemTotal:       24684092 kB\nMemFree:        1000 kB\nMemAvailable:   20000000 kB\n"
+    assert profiler.parse_meminfo(meminfo) == (24684092 * 1024, 20000000 * 1024)
+    assert profiler.slug("My Box.local-NVIDIA GeForce RTX 4090") == "my-box-local-nvidia-geforce-rtx-4090"
+
+
+def test_relative_spread_is_iqr_over_median():
+    assert measure.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
+    assert measure.relative_spread([2.0, 2.0, 4.0]) == pytest.approx(1.0)  # (max - min) / median
+    assert measure.relative_spread([1.0, 1.0, 1.0, 1.0]) == measure.MIN_SPREAD
+
+
+SYNTH = Settings(link_sizes_bytes=(64 * 1024, MIB, 64 * MIB), warmup=0, repeats=1, latency_calls=1,
+                 overhead_calls=1, copy_bytes=64 * MIB, cpu_gemm_shapes=((64, 64, 64), (128, 128, 128)),
+                 cuda_gemm_shapes=(), gemv_shape=(1024, 1024), gemv_batches=(1, 8), attention_tokens=16)
+
+
+def test_link_curves_reproduce_measured_times_through_the_cost_model(tiny_run):
+    latency_s, gbps = 5e-6, 10.0
+    timings = {"link.latency": Timing(latency_s, 0.01, 3)}
+    for direction in ("h2d", "d2h"):
+        for size in SYNTH.link_sizes_bytes:
+            timings[f"link.{direction}.pinned.{size}"] = Timing(latency_s + size / (gbps * 1e9), 0.02, 3)
+    link, spread = measure.link_figures(timings, SYNTH, pageable_measured=False)
+    assert link.h2d_gbps == pytest.approx(gbps, rel=1e-3) and link.latency_s == latency_s
+    assert link.h2d_pageable_curve == link.h2d_curve and spread["link.h2d_curve"] == 0.02
+    with_link = replace(tiny_run[0], link=link)
+    for size in SYNTH.link_sizes_bytes:
+        measured_s = timings[f"link.h2d.pinned.{size}"].median_s
+        assert h2d_s(with_link, size) == pytest.approx(measured_s, rel=1e-3)
+
+
+def test_compute_figures_take_the_best_shape_and_clamp_gemv_efficiency():
+    target = Target("host", torch.device("cpu"), ("bf16",), SYNTH.cpu_gemm_shapes, SYNTH.copy_bytes)
+    weight_bytes = 1024 * 1024 * 2
+    timings = {"host.copy": Timing(2 * 64 * MIB / 20e9, 0.01, 3),  # 20 GB/s read + write
+               "host.gemm.bf16.0": Timing(2 * 64**3 / 1e11, 0.1, 3),  # 0.1 TFLOPS
+               "host.gemm.bf16.1": Timing(2 * 128**3 / 2e11, 0.2, 3),  # 0.2 TFLOPS: the best
+               "host.gemv.bf16.1": Timing(weight_bytes / 25e9, 0.05, 3),  # faster than the copy
+               "host.gemv.bf16.8": Timing(weight_bytes / 10e9, 0.05, 3),
+               "host.overhead": Timing(2e-6, 0.3, 3)}
+    c = measure.compute_figures(target, timings, SYNTH)
+    assert c.mem_bw_gbps.value == pytest.approx(20.0)
+    assert c.flops_tflops["bf16"] == Figure(0.2, 0.2)
+    assert c.gemv_efficiency().value == 1.0  # 25 GB/s / 20 GB/s, clamped
+    assert c.gemv_gbps["bf16"][8].value == pytest.approx(10.0)
+    assert c.spread("host")["host.flops_tflops.bf16"] == 0.2
