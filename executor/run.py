@@ -17,6 +17,7 @@ import torch
 
 from planner.errors import PlanError
 from planner.plan import Plan, PredictedSummary, summarize
+from planner.predict import evaluate
 from planner.spec import Workload
 
 from .model import Transformer, torch_dtype
@@ -38,6 +39,7 @@ class RunOptions:
     profile_layers: bool = False
     warmup_steps: int = 3
     trace: bool = False  # record measured events for `--trace`
+    draft_checkpoint: Path | None = None  # the plan's draft model; synthetic with `synthetic`
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Measured:
     tokens: tuple[tuple[int, ...], ...]  # generated tokens per sequence
     stages: tuple[StageMeasure, ...] = ()
     events: tuple = ()  # planner.trace.Event tuples when tracing
+    acceptance: float | None = None  # speculative decoding: measured per-token acceptance
+    tokens_per_step: float | None = None  # measured E
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class RunReport:
     predicted: PredictedSummary
     measured: Measured
     device: str
+    repredicted: PredictedSummary | None = None  # with the measured acceptance rate
 
     def comparisons(self) -> list[tuple[str, float, float, str]]:
         """(metric, predicted, measured, unit) rows of the measured-vs-predicted table."""
@@ -83,8 +88,14 @@ class RunReport:
                 ("decode tokens/s", p.decode_tokens_per_s, m.decode_tokens_per_s, "tok/s"),
                 ("accelerator memory", float(_planned_vram(p)), float(m.accelerator_peak_bytes), "bytes")]
         streamed = sum(s.decode_link_s for s in p.stages)
-        if streamed > 0:
+        if streamed > 0 and m.acceptance is None:
             rows.append(("link busy per step", streamed, m.link_busy_s_per_step, "s"))
+        if m.acceptance is not None and self.plan.draft is not None:
+            rows.append(("draft acceptance (assumed)", self.plan.draft.acceptance, m.acceptance, ""))
+            rows.append(("tokens per verify step (E)", p.expected_tokens, m.tokens_per_step, "tok"))
+            if self.repredicted is not None:
+                rows.append(("decode tokens/s at measured acceptance", self.repredicted.decode_tokens_per_s,
+                             m.decode_tokens_per_s, "tok/s"))
         return rows
 
 
@@ -110,6 +121,9 @@ def check_runnable(plan: Plan, devices: Devices) -> None:
                         "--hw <that file>")
     if plan.model.moe is not None:
         raise PlanError("the executor does not run mixture-of-experts models yet (the planner does)")
+    if plan.draft is not None and plan.draft.spec.vocab != plan.model.vocab:
+        raise PlanError(f"draft {plan.draft.name!r}: vocabulary {plan.draft.spec.vocab} differs from the target's "
+                        f"{plan.model.vocab}")
     if plan.model.quantization is not None:
         raise PlanError("the executor runs quantized plans only with compensation (offplan run --compensate); "
                         "plan the float model to run it plainly")
@@ -144,12 +158,75 @@ def run_plan(plan: Plan, options: RunOptions, progress: Progress = lambda _: Non
     if options.threads:
         torch.set_num_threads(options.threads)
     model = build_model(plan, options, progress)
-    handle = apply_plan(model, plan, devices, max_tokens=workload.context)
+    extra = plan.draft.gamma + 1 if plan.draft else 0
+    handle = apply_plan(model, plan, devices, max_tokens=workload.context + extra)
     try:
-        measured = _measure(handle, workload, options, progress)
+        if plan.draft is None:
+            return RunReport(plan, workload, predicted, _measure(handle, workload, options, progress),
+                             str(devices.accelerator))
+        draft = build_draft(plan, options, progress).to(devices.accelerator)
+        measured = _measure_speculative(handle, draft, workload, options, progress)
     finally:
         handle.close()
-    return RunReport(plan, workload, predicted, measured, str(devices.accelerator))
+    repredicted = summarize(evaluate(replace(plan.scenario(), acceptance=min(measured.acceptance, 1.0)),
+                                     plan.placement))
+    return RunReport(plan, workload, predicted, measured, str(devices.accelerator), repredicted)
+
+
+def build_draft(plan: Plan, options: RunOptions, progress: Progress) -> Transformer:
+    """The plan's draft: a checkpoint, or (synthetic runs) random weights of its shape, which
+    agree with a random target rarely: expect a low measured acceptance."""
+    spec = plan.draft.spec
+    if options.draft_checkpoint is not None:
+        check_checkpoint(options.draft_checkpoint, spec)
+        progress(f"loading draft checkpoint {options.draft_checkpoint}")
+        return load_checkpoint(options.draft_checkpoint, dtype=spec.dtype)[1]
+    if not options.synthetic:
+        raise PlanError(f"the plan uses draft {plan.draft.name!r}: give --draft-checkpoint DIR")
+    progress(f"building synthetic weights for draft {spec.name}")
+    return synthetic_model(spec, seed=options.seed + 1)
+
+
+def _measure_speculative(handle: OffloadHandle, draft: Transformer, wl: Workload, options: RunOptions,
+                         progress: Progress) -> Measured:
+    """Draft/verify generation; prefill ends when the first verify step begins."""
+    from .speculative import speculative_generate
+    model, devices, gamma = handle.model, handle.devices, handle.plan.draft.gamma
+    generator = torch.Generator().manual_seed(options.seed)
+    prompt = torch.randint(0, model.spec.vocab, (wl.batch, wl.prompt), generator=generator).to(devices.accelerator)
+    progress("warming up")
+    speculative_generate(model, draft, prompt, min(wl.gen, gamma + 2), gamma, target_begin=handle.begin)
+    handle.engine.reset_counters()
+    marks: dict[str, float] = {}
+
+    def begin(phase: str) -> None:
+        if phase == "decode" and "decode" not in marks:
+            _sync(devices)
+            marks["decode"] = time.perf_counter()
+        handle.begin(phase)
+
+    progress(f"prefill of {wl.batch}x{wl.prompt} tokens, then draft/verify steps (gamma {gamma})")
+    _sync(devices)
+    start = time.perf_counter()
+    out = speculative_generate(model, draft, prompt, wl.gen, gamma, target_begin=begin)
+    _sync(devices)
+    end = time.perf_counter()
+    first_decode = marks.get("decode", end)
+    decode_s = end - first_decode
+    steps = max(out.steps, 1)
+    peak = handle.accelerator_bytes + sum(p.numel() * p.element_size() for p in draft.parameters()) \
+        if not devices.cuda else torch.cuda.max_memory_allocated()
+    return Measured(
+        ttft_s=first_decode - start, decode_step_s=decode_s / steps,
+        decode_tokens_per_s=wl.batch * (wl.gen - 1) / decode_s if decode_s > 0 else 0.0,
+        accelerator_peak_bytes=int(peak), accelerator_peak_is_accounted=not devices.cuda,
+        host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        streamed_bytes_per_step=handle.engine.bytes_copied / steps,
+        link_busy_s_per_step=handle.engine.copy_busy_s / steps,
+        link_gbps=handle.engine.bytes_copied / handle.engine.copy_busy_s / 1e9 if handle.engine.copy_busy_s else 0.0,
+        copy_wait_s_per_step=handle.engine.wait_s / steps, cpu_linear_s_per_step=0.0,
+        tokens=tuple(tuple(int(t) for t in row) for row in out.tokens.tolist()),
+        acceptance=out.acceptance_rate, tokens_per_step=out.tokens_per_step)
 
 
 def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress: Progress) -> Measured:

@@ -3,9 +3,10 @@ compensation leaves, matrix by matrix (`offplan sensitivity ... --out ranks.yaml
 
 With calibration prompts, the float model runs them once while forward pre-hooks on every
 quantizable Linear accumulate the second moment C = E[x xᵀ] of its input; each weight is
-then quantized and its error decomposed activation-aware (executor.compensation), so the
+then quantized and the spectrum of its error taken activation-aware (the σ² that
+executor.compensation.residual_svd decomposes, from a Gram matrix's eigenvalues), so the
 table states the output error left on inputs like the calibration ones. Without prompts the
-plain SVD of the error is used (inputs assumed isotropic).
+plain spectrum of the error is used (inputs assumed isotropic).
 """
 
 from __future__ import annotations
@@ -157,18 +158,20 @@ def _check_model(model: Transformer, spec: ModelSpec, names: list[str]) -> None:
 
 def sensitivity(model: Transformer, spec: ModelSpec, bits: int, group_size: int, ranks: tuple[int, ...] | list[int],
                 calibration: list[Tensor] | None = None, symmetric: bool = True,
-                progress: ProgressFn | None = None) -> RankTable:
+                progress: ProgressFn | None = None, moments: dict[str, Tensor] | None = None) -> RankTable:
     """The rank table of `model` (float weights) quantized to `bits` / `group_size`.
 
     For each attention / MLP matrix: the fraction of its quantization output-error energy left
     at each rank (tail(r) / tail(0)), and its relative output error ‖x E‖ / ‖x Wᵀ‖ at rank 0;
     at rank r the relative output error is output_error · sqrt(remaining[r]). Ranks above
     min(in, out) leave no error. Calibration prompts should supply more token rows than the
-    widest input (else C is rank-deficient and the table fits those prompts only)."""
+    widest input (else C is rank-deficient and the table fits those prompts only).
+    `moments` (from collect_second_moments) may replace running `calibration` again."""
     ranks = check_ranks(list(ranks), "--ranks")
     names = [t.name for t in quantized_tensors(spec)]
     _check_model(model, spec, names)
-    moments = collect_second_moments(model, names, calibration) if calibration else {}
+    if moments is None:
+        moments = collect_second_moments(model, names, calibration) if calibration else {}
     tensors: dict[str, dict[int, float]] = {}
     output_error: dict[str, float] = {}
     for done, name in enumerate(names, start=1):
@@ -181,7 +184,7 @@ def sensitivity(model: Transformer, spec: ModelSpec, bits: int, group_size: int,
         output_error[name] = math.sqrt(total / output_energy) if output_energy > 0 else 0.0
         if progress is not None:
             progress(done, len(names), name)
-    method = "activation-aware" if calibration else "plain"
+    method = "activation-aware" if moments else "plain"
     return RankTable(spec.name, bits, group_size, ranks, tensors, aggregate_kinds(tensors), output_error,
                      symmetric, method)
 

@@ -179,7 +179,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: torch.
         begin("decode")
         choice = target(verify_in).argmax(dim=-1)  # [batch, gamma + 1]: target's token after each input
         matched = (choice[:, :gamma] == verify_in[:, 1:]).long().cumprod(dim=1)  # [batch, gamma]
-        k = int(matched.sum(dim=1).min())  # accepted prefix, shortest in the batch
+        # Accepted prefix, shortest in the batch: the one host sync of a step (k sets the cache lengths).
+        k = int(matched.sum(dim=1).min())
         step_seq = torch.cat([verify_in[:, :k + 1], choice[:, k:k + 1]], dim=1)  # [batch, k + 2]: pending..bonus
         target.truncate_caches(base + 1 + k)  # keeps pending and the accepted proposals
         draft.truncate_caches(min(draft.cache_length, base + 1 + k))
@@ -198,15 +199,16 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: torch.
 
 
 def measure_acceptance(target: Transformer, draft: Transformer, prompts: Sequence[torch.Tensor], gamma: int,
-                       gen: int) -> tuple[float, float]:
+                       gen: int, target_begin: Phase | None = None) -> tuple[float, float]:
     """(per-token acceptance rate, mean tokens per step) of `draft` for `target`, pooled over
-    every step of speculative decoding of each prompt ([p] or [batch, p] token ids)."""
+    every step of speculative decoding of each prompt ([p] or [batch, p] token ids).
+    `target_begin`: as for speculative_generate (an offloaded target's OffloadHandle.begin)."""
     if not prompts:
         raise OffplanError("prompts: need at least one prompt to measure acceptance")
     steps: list[int] = []
     for prompt in prompts:
         ids = prompt if prompt.dim() == 2 else prompt.reshape(1, -1)  # [batch, p]
-        steps += speculative_generate(target, draft, ids, gen, gamma).accepted_per_step
+        steps += speculative_generate(target, draft, ids, gen, gamma, target_begin=target_begin).accepted_per_step
     if not steps:
         raise OffplanError(f"--gen {gen}: generate at least 2 tokens so that a draft/verify step runs")
     return acceptance_from_steps(steps, gamma), sum(k + 1 for k in steps) / len(steps)

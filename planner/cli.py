@@ -39,18 +39,35 @@ def solve(
     json_out: JsonOpt = False,
     time_limit: TimeLimitOpt = 10.0,
     solver: SolverOpt = "auto",
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="Ignore the model file's draft candidates.")] = False,
+    accept: Annotated[list[str], typer.Option("--acceptance", help="Measured acceptance of a draft: NAME=RATE "
+                                                                   "(repeat; see `offplan acceptance`).")] = [],
 ) -> None:
-    """Find the fastest placement that fits, and say why."""
+    """Find the fastest placement that fits (and the best draft model), and say why."""
     check_out_path(out)
     model_file = load_model(model)
     profile = load_hardware(hw, vram, ram, host_bw)
     workload = resolve_workload(model_file, prompt, gen, batch)
-    scn = Scenario(model_file.spec, profile, workload)
+    options = SolverOptions(time_limit_s=time_limit, solver=solver)
+    search_result = None
+    if model_file.drafts and not no_draft:
+        from .search import search, search_plan
+        acceptance = dict(_parse_acceptance(a) for a in accept)
+        with console.status("searching drafts x draft lengths...", spinner="dots") if not json_out \
+                else _nullcontext() as status:
+            search_result = search(model_file.spec, profile, workload, model_file.drafts, options,
+                                   progress=(lambda line: status.update(line)) if not json_out else None,
+                                   acceptance=acceptance)
+        scn = search_result.scenario
+        plan = search_plan(search_result)
+        solution = search_result.best.solution
+    else:
+        scn = Scenario(model_file.spec, profile, workload)
+        with console.status("solving placement ILP...", spinner="dots") if not json_out else _nullcontext():
+            solution = solve_placement(scn, options)
+        plan = make_plan(scn, solution.placement, "ilp", solution.prediction, solution.solver, solution.status,
+                         solution.solve_time_s, solution.objective_s)
     tables = option_tables(scn)
-    with console.status("solving placement ILP...", spinner="dots") if not json_out else _nullcontext():
-        solution = solve_placement(scn, SolverOptions(time_limit_s=time_limit, solver=solver), tables)
-    plan = make_plan(scn, solution.placement, "ilp", solution.prediction, solution.solver, solution.status,
-                     solution.solve_time_s, solution.objective_s)
     baselines = run_baselines(scn, tables) if compare else None
     if out is not None:
         save_plan(plan, out)
@@ -60,10 +77,15 @@ def solve(
     console.print(f"[bold]{model_line(plan.model)}[/]")
     console.print(f"on {profile.name}; batch {workload.batch}, prompt {workload.prompt}, generate {workload.gen}")
     console.print(f"solved with {solution.solver} in {fmt_seconds(solution.solve_time_s)} ({solution.status}; "
-                  f"{solution.n_variables} variables)")
+                  f"{solution.n_variables} variables)" + (f"; {len(search_result.candidates)} draft combinations "
+                                                          f"considered" if search_result else ""))
     console.print(placement_table(plan))
     console.print(memory_table(plan))
     console.print(speed_table(plan))
+    if search_result is not None:
+        from .render_search import alternatives_table, draft_summary
+        console.print(draft_summary(search_result))
+        console.print(alternatives_table(search_result))
     if baselines is not None:
         console.print(compare_table(plan, baselines))
     if out is not None:
@@ -75,6 +97,8 @@ def run(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Hugging Face safetensors directory.")] = None,
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Random weights of the planned shape.")] = False,
+    draft_checkpoint: Annotated[Optional[Path], typer.Option("--draft-checkpoint",
+                                                             help="Checkpoint of the plan's draft model.")] = None,
     prompt: PromptOpt = None, gen: GenOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of synthetic weights and prompts.")] = 0,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
@@ -94,7 +118,7 @@ def run(
     except ImportError as exc:
         raise OffplanError(f"offplan run needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
     options = RunOptions(checkpoint=checkpoint, synthetic=synthetic, seed=seed, prompt=prompt, gen=gen,
-                         threads=threads, profile_layers=profile_layers)
+                         threads=threads, profile_layers=profile_layers, draft_checkpoint=draft_checkpoint)
     with console.status("running...", spinner="dots") as status:
         report = run_plan(plan, options, lambda msg: status.update(msg))
     wl = report.workload
@@ -153,6 +177,36 @@ def profile(
     save_profile(measured, path)
     console.print(profile_table(measured))
     console.print(f"profile written to [bold]{path}[/]; use it with `offplan solve MODEL --hw {path}`")
+
+
+@app.command()
+def acceptance(
+    target: Annotated[Path, typer.Option("--target", help="Target model checkpoint directory.")],
+    draft: Annotated[Path, typer.Option("--draft", help="Draft model checkpoint directory.")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="One prompt per line: token ids, or JSON "
+                                                            '{"tokens": [...]}.')],
+    gamma: Annotated[int, typer.Option("--gamma", help="Draft length.")] = 4,
+    gen: GenOpt = 64,
+) -> None:
+    """Measure the per-token acceptance rate of a draft for a target on a prompt file."""
+    if gamma < 1 or (gen or 0) < 2:
+        raise OffplanError("--gamma must be at least 1 and --gen at least 2")
+    try:
+        import torch
+        from executor.speculative import load_prompts, measure_acceptance
+        from executor.weights import load_checkpoint
+    except ImportError as exc:
+        raise OffplanError(f"offplan acceptance needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    with console.status("loading models...", spinner="dots") as status:
+        target_spec, target_model = load_checkpoint(target)
+        draft_spec, draft_model = load_checkpoint(draft)
+        token_lists = load_prompts(prompts, vocab=target_spec.vocab)
+        status.update(f"speculative decoding of {len(token_lists)} prompts")
+        rate, per_step = measure_acceptance(target_model, draft_model,
+                                            [torch.tensor(t).unsqueeze(0) for t in token_lists], gamma, gen)
+    console.print(f"acceptance of {draft_spec.name} for {target_spec.name}: [bold]{rate:.3f}[/] per token; "
+                  f"{per_step:.2f} tokens per verify step at gamma {gamma} ({len(token_lists)} prompts)")
+    console.print(f"use it with: offplan solve MODEL --acceptance {draft_spec.name}={rate:.3f}")
 
 
 @app.command()
@@ -258,6 +312,17 @@ def hw_show(profile: Annotated[str, typer.Argument(help="Shipped profile name or
         print_json(to_dict(p))
         return
     console.print(profile_table(p))
+
+
+def _parse_acceptance(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1.0
+    if not sep or not name or not 0.0 <= rate <= 1.0:
+        raise OffplanError(f"--acceptance {text!r}: write NAME=RATE with RATE between 0 and 1, e.g. llama-3.2-1b=0.75")
+    return name, rate
 
 
 class _nullcontext:

@@ -2,9 +2,10 @@
 
 Each compensated tensor runs `(x·A)·B` on the CPU while the accelerator computes its
 matmul (cost.parallel): the part of the branch longer than the matmul lengthens the
-layer's compute path. A stage lasts max(compute path, link), so on a link-bound stage even
-that part may be hidden under weight streaming. `exposed_s` is exactly what the branches add
-to the decode step: Σ over stages of max(path, link) - max(path without the excess, link).
+layer's compute path, and its correction going up occupies the link beside the next
+stage's prefetch. A stage lasts max(compute path, link), so either may be hidden by the
+other. `exposed_s` is exactly what the branches add to the decode step: Σ over stages of
+max(path, link) - max(path - excess, link - uploads).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def compensation_time(tables: OptionTables, placement: Placement) -> Compensatio
     count, branch_total, exposed = 0, 0.0, 0.0
     for stage, timing in zip(tables.stages, prediction.stages):
         excess = 0.0  # branch time beyond the accelerator matmul, on this stage's compute path
+        uploads = 0.0  # corrections sent up, on this stage's link
         for t in stage.tensors:
             option = tensor[t.name]
             if option.rank == 0:
@@ -48,6 +50,7 @@ def compensation_time(tables: OptionTables, placement: Placement) -> Compensatio
             # parallel() hides min(matmul, branch), so the branch's excess over the matmul
             # (what it adds to the path) is branch - hidden.
             excess += max(branch_s - option.decode.hidden_cpu_s, 0.0)
-        path = timing.decode_path.total_s
-        exposed += max(path, timing.decode_link_s) - max(path - excess, timing.decode_link_s)
+            uploads += option.decode_act_h2d_s
+        path, link = timing.decode_path.total_s, timing.decode_link_s
+        exposed += max(path, link) - max(path - excess, link - uploads)
     return CompensationTime(count, branch_total, branch_total - exposed, exposed)

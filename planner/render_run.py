@@ -12,6 +12,8 @@ def _fmt(value: float, unit: str) -> str:
         return fmt_seconds(value)
     if unit == "bytes":
         return fmt_bytes(value)
+    if unit == "":
+        return f"{value:.2f}"
     return f"{value:,.2f} {unit}"
 
 

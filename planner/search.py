@@ -154,20 +154,8 @@ def search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, drafts
     measured = _check_acceptance(acceptance or {}, drafts)
     say = progress or (lambda _line: None)
     _, lp_solver = pick_solver(options)  # a missing solver fails here, not once per combination
-    recovery = dict(rank_recovery or {})
-
-    jobs: list[_Job] = []
-    for batch in batch_list:
-        wl = replace(workload, batch=batch)
-        jobs.append(_Job(None, 0, batch, None, Scenario(spec, profile, wl, rank_choices=rank_choices,
-                                                        rank_recovery=recovery)))
-        for d in drafts:
-            a = measured.get(d.name, d.acceptance)
-            if a is None:
-                jobs.append(_Job(d.name, 0, batch, None, None))
-                continue
-            jobs.extend(_Job(d.name, g, batch, a, Scenario(spec, profile, wl, d.spec, g, a, rank_choices, recovery))
-                        for g in gamma_list)
+    jobs = _jobs(Scenario(spec, profile, workload, rank_choices=rank_choices, rank_recovery=dict(rank_recovery or {})),
+                 drafts, measured, gamma_list, batch_list)
 
     done: dict[int, Candidate] = {}
     errors: dict[int, InfeasiblePlanError] = {}
@@ -227,6 +215,23 @@ def search(spec: ModelSpec, profile: HardwareProfile, workload: Workload, drafts
     best_i, best = min(solved, key=lambda ic: (ic[1].per_sequence_s, ic[1].draft_name is not None, ic[1].gamma))
     no_draft_best = min((c for _, c in solved if c.draft_name is None), key=lambda c: c.per_sequence_s, default=None)
     return SearchResult(best, no_draft_best, candidates, jobs[best_i].scenario)
+
+
+def _jobs(base: Scenario, drafts: Sequence[DraftCandidate], measured: Mapping[str, float],
+          gammas: list[int], batches: list[int]) -> list[_Job]:
+    """Every combination, in enumeration order: per batch, no draft then each draft x gamma
+    (one placeholder per draft whose acceptance is still to be measured)."""
+    jobs = []
+    for batch in batches:
+        scn = replace(base, workload=replace(base.workload, batch=batch))
+        jobs.append(_Job(None, 0, batch, None, scn))
+        for d in drafts:
+            a = measured.get(d.name, d.acceptance)
+            if a is None:
+                jobs.append(_Job(d.name, 0, batch, None, None))
+                continue
+            jobs.extend(_Job(d.name, g, batch, a, replace(scn, draft=d.spec, gamma=g, acceptance=a)) for g in gammas)
+    return jobs
 
 
 def relaxation_bound_s(tables: OptionTables, options: SolverOptions,

@@ -144,3 +144,34 @@ def test_run_cli_writes_a_json_report(tmp_path):
     assert "Measured vs predicted" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(plan_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--synthetic" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_speculative_run_with_an_identical_draft_accepts_everything_and_keeps_the_tokens(tmp_path):
+    spec = small_spec()
+    save_checkpoint(synthetic_model(spec, seed=0), spec, tmp_path / "ckpt")
+    placement = mixed_placements(spec)["mixed"]
+    plain = run_plan(plan_for(spec, placement, Workload(1, 24, 17)), RunOptions(checkpoint=tmp_path / "ckpt"),
+                     devices=CPU)
+    scn = Scenario(spec, PROFILE, Workload(1, 24, 17), draft=dataclasses.replace(spec, name="draft"), gamma=3,
+                   acceptance=0.5)
+    report = run_plan(make_plan(scn, placement, "test"),
+                      RunOptions(checkpoint=tmp_path / "ckpt", draft_checkpoint=tmp_path / "ckpt"), devices=CPU)
+    assert report.measured.tokens == plain.measured.tokens
+    assert report.measured.acceptance == 1.0 and report.measured.tokens_per_step == 4.0
+    assert report.repredicted.expected_tokens == 4.0 and report.predicted.expected_tokens < 4.0
+
+
+def test_acceptance_cli_measures_an_identical_draft_as_one(tmp_path):
+    spec = small_spec()
+    save_checkpoint(synthetic_model(spec, seed=0), spec, tmp_path / "ckpt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("1 2 3 4 5 6\n7 8 9 10\n")
+    result = subprocess.run([sys.executable, "-m", "planner.cli", "acceptance", "--target", str(tmp_path / "ckpt"),
+                             "--draft", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--gamma", "3",
+                             "--gen", "9"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "1.000 per token" in result.stdout and "4.00 tokens per verify step" in result.stdout
+    prompts.write_text("1 2 x\n")
+    bad = subprocess.run([sys.executable, "-m", "planner.cli", "acceptance", "--target", str(tmp_path / "ckpt"),
+                          "--draft", str(tmp_path / "ckpt"), "--prompts", str(prompts)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -216,3 +216,34 @@ def test_load_prompts_rejects_bad_lines(tmp_path, content, message):
 def test_load_prompts_missing_file(tmp_path):
     with pytest.raises(OffplanError, match="file not found"):
         load_prompts(tmp_path / "nope.txt")
+
+
+def test_target_begin_is_called_per_forward(target):
+    phases: list[str] = []
+    out = speculative_generate(target, truncated_draft(target, 1), prompt_of(1), 20, 3, target_begin=phases.append)
+    assert phases == ["prefill"] + ["decode"] * out.steps
+
+
+def test_offloaded_target_with_streamed_weights_and_split_kv():
+    """The loop runs on a target placed by apply_plan (streamed weights, half the KV cache on
+    the host side) and still reproduces plain greedy decoding."""
+    from executor.offload import apply_plan
+    from planner.cost import Scenario
+    from planner.hardware import load_profile
+    from planner.placement import uniform_placement
+    from planner.plan import make_plan
+    from planner.spec import Workload
+
+    spec, gen, gamma = tiny_spec(), 16, 3
+    prompt = prompt_of(1, 6, seed=4)
+    scn = Scenario(spec, load_profile("rtx4090"), Workload(batch=1, prompt=6, gen=gen))
+    plan = make_plan(scn, uniform_placement(spec, "stream", kv_host_fraction=0.5), "test")
+    placed = synthetic_model(spec, seed=0)
+    handle = apply_plan(placed, plan, max_tokens=6 + gen + gamma + 1)
+    try:
+        out = speculative_generate(placed, truncated_draft(synthetic_model(spec, seed=0), 1), prompt, gen, gamma,
+                                   target_begin=handle.begin)
+    finally:
+        handle.close()
+    assert torch.equal(out.tokens, greedy_generate(synthetic_model(spec, seed=0), prompt, gen))
+    assert out.steps > 0

@@ -1,0 +1,166 @@
+"""How long the placement ILP takes, and how good its answer is, as models grow.
+
+    python benchmarks/solve_scaling.py [--hw rtx4090] [--groups 8,12,16] [--time-limit 60]
+                                       [--limits 1,3,10,30] [--threads 0] [--skip-symmetry]
+
+Three tables, all at batch 1, prompt 2048, generate 256, per-tensor granularity:
+
+1. Llama 3.1 8B (bf16), 70B (int4 g128 and bf16) and 405B (int4 g128) on the profile, with
+   `--ram` large enough for the weights, for each `max_groups`: solver status, solve time,
+   objective, problem size, predicted decode speed, and the gap to the LP relaxation (the same
+   problem with every binary relaxed to [0, 1]) as a measure of how hard the MILP is.
+2. The two largest cases under shorter time limits: what a user gets from `--time-limit`.
+3. A 16-layer model, whose layers fit in 16 groups and so get one group each (the exact
+   model): per-layer binaries are symmetric and branch-and-bound struggles to close its gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, replace
+
+import pulp
+
+from planner.cost import Scenario
+from planner.errors import InfeasiblePlanError
+from planner.hardware import load_profile, with_overrides
+from planner.ilp import MS, SolverOptions, build_problem, layer_groups, pick_solver, solve_placement
+from planner.predict import option_tables
+from planner.presets import preset
+from planner.spec import Quantization, Workload
+from planner.units import GIB
+
+WORKLOAD = Workload(batch=1, prompt=2048, gen=256)
+INT4 = Quantization(bits=4, group_size=128)
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    model: str
+    quantization: Quantization | None
+    ram_bytes: int | None  # host memory override; None = the profile's own
+    vram_bytes: int | None = None
+
+
+CASES = (
+    Case("llama-3.1-8b bf16", "llama-3.1-8b", None, None),
+    Case("llama-3.1-70b int4", "llama-3.1-70b", INT4, None),
+    Case("llama-3.1-70b bf16", "llama-3.1-70b", None, 192 * GIB),
+    Case("llama-3.1-405b int4", "llama-3.1-405b", INT4, 256 * GIB),
+)
+SYMMETRY_CASE = Case("llama-3.2-1b bf16", "llama-3.2-1b", None, None, vram_bytes=int(2.5 * GIB))
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    layers: int
+    groups: int
+    limit_s: float
+    status: str
+    solve_s: float
+    objective_s: float
+    decode_tok_s: float
+    variables: int
+    constraints: int
+    lp_bound_s: float
+
+    @property
+    def lp_gap(self) -> float:
+        """Relative distance of the MILP answer above the LP relaxation's bound."""
+        return (self.objective_s - self.lp_bound_s) / self.objective_s
+
+
+def scenario(case: Case, hw: str) -> Scenario:
+    spec = replace(preset(case.model), quantization=case.quantization)
+    profile = with_overrides(load_profile(hw), case.vram_bytes, case.ram_bytes)
+    return Scenario(spec, profile, WORKLOAD)
+
+
+def lp_bound_s(tables, options: SolverOptions) -> float:
+    """Objective of the LP relaxation: the same problem with every binary continuous in [0, 1]."""
+    prob, *_ = build_problem(tables, options)
+    for var in prob.variables():
+        if var.cat != pulp.LpContinuous:
+            var.cat = pulp.LpContinuous  # binaries keep their [0, 1] bounds
+    _, solver = pick_solver(options)
+    prob.solve(solver)
+    return pulp.value(prob.objective) / MS
+
+
+def run(case: Case, hw: str, options: SolverOptions, with_lp: bool = True) -> Row | str:
+    scn = scenario(case, hw)
+    tables = option_tables(scn)
+    try:
+        solution = solve_placement(scn, options, tables)
+    except InfeasiblePlanError as exc:
+        return f"{case.label}: {exc}"
+    bound = lp_bound_s(tables, options) if with_lp else float("nan")
+    return Row(case.label, scn.spec.layers, len(layer_groups(scn.spec.layers, options.max_groups)),
+               options.time_limit_s, solution.status.split(" (")[0], solution.solve_time_s, solution.objective_s,
+               solution.prediction.decode_tokens_per_s, solution.n_variables, solution.n_constraints, bound)
+
+
+COLUMNS = (
+    ("model", "<", lambda r: r.case),
+    ("layers", ">", lambda r: str(r.layers)),
+    ("groups", ">", lambda r: str(r.groups)),
+    ("limit", ">", lambda r: f"{r.limit_s:g} s"),
+    ("status", "<", lambda r: r.status),
+    ("solve", ">", lambda r: f"{r.solve_s:.2f} s"),
+    ("objective", ">", lambda r: f"{r.objective_s:.3f} s"),
+    ("decode", ">", lambda r: f"{r.decode_tok_s:.2f} tok/s"),
+    ("vars", ">", lambda r: str(r.variables)),
+    ("cons", ">", lambda r: str(r.constraints)),
+    ("LP bound", ">", lambda r: f"{r.lp_bound_s:.3f} s"),
+    ("gap vs LP", ">", lambda r: f"{100 * max(r.lp_gap, 0.0):.2f} %"),  # clamp float noise below 0
+)
+
+
+def print_table(title: str, rows: list[Row | str], columns=COLUMNS) -> None:
+    table = [[fmt(r) for _, _, fmt in columns] for r in rows if isinstance(r, Row)]
+    widths = [max([len(name)] + [len(line[i]) for line in table]) for i, (name, _, _) in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(f"{name:{align}{w}}" for (name, align, _), w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for line in table:
+        print("  ".join(f"{cell:{align}{w}}" for cell, (_, align, _), w in zip(line, columns, widths)))
+    for r in rows:
+        if isinstance(r, str):
+            print(f"  infeasible: {r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hw", default="rtx4090", help="shipped profile name or YAML file")
+    parser.add_argument("--groups", default="8,12,16", help="max_groups values for table 1")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="solver time limit for table 1, seconds")
+    parser.add_argument("--limits", default="1,3,10,30", help="time limits for table 2, seconds")
+    parser.add_argument("--threads", type=int, default=0, help="solver threads (0 = solver default)")
+    parser.add_argument("--skip-symmetry", action="store_true", help="leave out table 3")
+    args = parser.parse_args()
+    groups = [int(g) for g in args.groups.split(",")]
+    limits = [float(t) for t in args.limits.split(",")]
+    base = SolverOptions(time_limit_s=args.time_limit, threads=args.threads)
+    started = time.perf_counter()
+    print(f"placement ILP on {load_profile(args.hw).name}; batch {WORKLOAD.batch}, prompt {WORKLOAD.prompt}, "
+          f"generate {WORKLOAD.gen}; solver {pick_solver(base)[0]}, gap_rel {base.gap_rel:g}")
+
+    rows = [run(case, args.hw, replace(base, max_groups=g)) for case in CASES for g in groups]
+    print_table("1. solve time and answer quality by model size and layer groups", rows)
+
+    hard = [c for c in CASES if c.model in ("llama-3.1-70b", "llama-3.1-405b") and c.label != "llama-3.1-70b int4"]
+    rows = [run(case, args.hw, replace(base, max_groups=16, time_limit_s=t), with_lp=False)
+            for case in hard for t in limits]
+    print_table("2. what shorter time limits give (16 groups)", rows, COLUMNS[:8])
+
+    if not args.skip_symmetry:
+        rows = [run(SYMMETRY_CASE, "rtx3060", replace(base, max_groups=g, time_limit_s=30.0)) for g in (16, 8, 4)]
+        print_table("3. one group per layer (16 layers, 16 groups) vs fewer groups, rtx3060 with 2.5 GiB", rows)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Cost model formulas (planner/cost.py): rooflines, transfers, speculation, KV split, bytes."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from planner.cost import (
+    KV_LEVELS, Scenario, acc_op_s, attention_decode, d2h_s, expected_tokens_per_step, h2d_s, host_attention_s,
+    host_op_s, kv_options, mean_host_tokens, roofline_s, tensor_options, touched_fraction)
+from planner.hardware import flops_for, load_profile
+from planner.presets import preset
+from planner.spec import ModelSpec, MoE, Quantization, Workload
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def rtx4090():
+    return load_profile("rtx4090")
+
+
+def _spec(**overrides) -> ModelSpec:
+    fields = dict(name="unit", family="llama", layers=2, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
+                  vocab=32000, dtype="bf16", max_context=16384)
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+# ---- rooflines ------------------------------------------------------------------------------------
+
+def test_roofline_is_overhead_plus_the_slower_of_compute_and_memory():
+    assert roofline_s(2e12, 1e9, 1e12, 1e12, 1e-6) == pytest.approx(1e-6 + 2.0)  # compute-bound
+    assert roofline_s(1e9, 3e12, 1e12, 1e12, 1e-6) == pytest.approx(1e-6 + 3.0)  # memory-bound
+    assert roofline_s(0.0, 0.0, 1e12, 1e12, 5e-6) == 5e-6
+
+
+def test_gemv_at_one_row_is_bandwidth_bound_and_prefill_is_compute_bound(rtx4090):
+    """A 4096x4096 bf16 projection on the accelerator: one decode row reads the whole matrix;
+    4096 prompt rows do 137 GFLOP on it."""
+    spec = _spec()
+    q = spec.by_name["layers.0.self_attn.q_proj"]
+    a = rtx4090.accelerator
+    bytes_per_s = a.mem_bw_gbps * 1e9 * a.gemv_efficiency
+    flops_per_s = flops_for(a.flops_tflops, "bf16") * a.matmul_efficiency
+
+    decode = Scenario(spec, rtx4090, Workload(1, 4096, 16))
+    gpu = tensor_options(decode, q)[0]
+    assert gpu.device == "gpu"
+    read_bytes = q.n_bytes + 1 * (q.rows + q.cols) * 2  # weights + activations in and out
+    assert gpu.decode.acc_s == pytest.approx(a.op_overhead_s + read_bytes / bytes_per_s, rel=1e-12)
+    assert 2.0 * q.rows * q.cols / flops_per_s < read_bytes / bytes_per_s / 50  # far from compute-bound
+
+    rows = decode.prefill_rows
+    assert gpu.prefill.acc_s == pytest.approx(a.op_overhead_s + rows * q.flops_per_token / flops_per_s, rel=1e-12)
+    assert rows * q.flops_per_token / flops_per_s > 5 * (q.n_bytes + rows * (q.rows + q.cols) * 2) / bytes_per_s
+
+
+def test_host_matmul_pays_its_roofline_and_the_activation_transfers(rtx4090):
+    spec = _spec()
+    t = spec.by_name["layers.1.mlp.down_proj"]
+    scn = Scenario(spec, rtx4090, Workload(1, 512, 16))
+    cpu = next(o for o in tensor_options(scn, t) if o.device == "cpu" and not o.prefill_streamed)
+    h = rtx4090.host
+    expected_cpu = h.op_overhead_s + max(2.0 * t.rows * t.cols / (flops_for(h.flops_tflops, "bf16") * h.matmul_efficiency),
+                                         (t.n_bytes + (t.rows + t.cols) * 2) / (h.mem_bw_gbps * 1e9 * h.gemv_efficiency))
+    assert cpu.decode.cpu_s == pytest.approx(expected_cpu, rel=1e-12)
+    assert cpu.decode.cpu_s == pytest.approx(host_op_s(rtx4090, "bf16", 2.0 * t.rows * t.cols,
+                                                       t.n_bytes + (t.rows + t.cols) * 2), rel=1e-12)
+    assert cpu.decode.xfer_s == pytest.approx(d2h_s(rtx4090, t.cols * 2) + h2d_s(rtx4090, t.rows * 2), rel=1e-12)
+    assert cpu.decode.acc_s == 0.0
+    # the weight itself never crosses the link during decode
+    assert cpu.decode_link_s == 0.0 and cpu.vram_bytes == 0 and cpu.host_bytes == t.n_bytes
+
+
+def test_acc_op_time_falls_back_to_the_slowest_listed_dtype(rtx4090):
+    slowest = min(rtx4090.accelerator.flops_tflops.values()) * 1e12
+    a = rtx4090.accelerator
+    assert acc_op_s(rtx4090, "int3", 1e15, 0.0) == pytest.approx(a.op_overhead_s + 1e15 / (slowest * a.matmul_efficiency))
+
+
+# ---- transfers --------------------------------------------------------------------------------------
+
+def test_h2d_is_latency_plus_size_over_bandwidth(rtx4090):
+    flat = replace(rtx4090, link=replace(rtx4090.link, h2d_curve=(), h2d_gbps=20.0, latency_s=1e-5))
+    assert h2d_s(flat, 0) == 0.0
+    assert h2d_s(flat, 2e9) == pytest.approx(1e-5 + 0.1)
+    assert h2d_s(flat, 1) == pytest.approx(1e-5 + 1 / 20e9)
+
+
+def test_h2d_interpolates_the_bandwidth_curve_in_log_size(rtx4090):
+    curve = ((2.0**16, 4.0), (2.0**20, 12.0), (2.0**24, 20.0))
+    p = replace(rtx4090, link=replace(rtx4090.link, h2d_curve=curve, h2d_gbps=99.0, latency_s=2e-5))
+    # on a point, between points (log-linear), and clamped outside
+    assert h2d_s(p, 2**20) == pytest.approx(2e-5 + 2**20 / 12e9)
+    assert h2d_s(p, 2**18) == pytest.approx(2e-5 + 2**18 / 8e9)  # halfway in log size: 4 + (12-4)/2
+    assert h2d_s(p, 2**22) == pytest.approx(2e-5 + 2**22 / 16e9)
+    assert h2d_s(p, 1024) == pytest.approx(2e-5 + 1024 / 4e9)
+    assert h2d_s(p, 2**30) == pytest.approx(2e-5 + 2**30 / 20e9)
+    sizes = [2.0**k for k in range(10, 32)]
+    times = [h2d_s(p, s) for s in sizes]
+    assert times == sorted(times)  # bigger copies never take less time
+
+
+def test_d2h_uses_its_own_direction(rtx4090):
+    p = replace(rtx4090, link=replace(rtx4090.link, d2h_curve=(), d2h_gbps=5.0, h2d_curve=(), h2d_gbps=50.0))
+    assert d2h_s(p, 1e9) == pytest.approx(p.link.latency_s + 0.2)
+    assert h2d_s(p, 1e9) == pytest.approx(p.link.latency_s + 0.02)
+
+
+# ---- speculation -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gamma", [1, 2, 4, 8])
+def test_expected_tokens_per_step_limits_and_formula(gamma):
+    assert expected_tokens_per_step(0.0, gamma) == 1.0
+    assert expected_tokens_per_step(1.0, gamma) == gamma + 1
+    for a in (0.1, 0.5, 0.8, 0.99):
+        e = expected_tokens_per_step(a, gamma)
+        assert e == pytest.approx((1 - a ** (gamma + 1)) / (1 - a))
+        assert e == pytest.approx(sum(a**k for k in range(gamma + 1)))  # one + each accepted draft token
+        assert 1.0 < e < gamma + 1
+    assert expected_tokens_per_step(0.7, 0) == 1.0
+    assert expected_tokens_per_step(0.6, gamma) < expected_tokens_per_step(0.7, gamma)
+    assert expected_tokens_per_step(0.7, gamma) < expected_tokens_per_step(0.7, gamma + 1)
+
+
+def test_scenario_speculation_terms(rtx4090):
+    spec, draft = _spec(), _spec(name="draft", layers=1, hidden=1024, intermediate=2048, heads=8, kv_heads=8)
+    wl = Workload(2, 128, 65)
+    plain = Scenario(spec, rtx4090, wl, gamma=3, acceptance=0.5)  # no draft: gamma is ignored for E
+    assert plain.expected_tokens == 1.0
+    spec_scn = Scenario(spec, rtx4090, wl, draft, gamma=3, acceptance=0.5)
+    assert spec_scn.expected_tokens == pytest.approx(1.875)
+    assert spec_scn.decode_steps == pytest.approx(64 / 1.875)
+    assert spec_scn.decode_rows == 2 * 4  # batch x (gamma + 1) rows verified per step
+
+
+# ---- KV cache split -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host_tokens,start,end", [(0, 100, 200), (50, 100, 200), (100, 100, 200), (130, 100, 200),
+                                                   (199.5, 100, 200), (200, 100, 200), (500, 100, 200),
+                                                   (37.5, 0, 64), (3000, 2048, 2304), (10, 5, 5), (2, 5, 5)])
+def test_mean_host_tokens_is_the_average_of_min_over_depths(host_tokens, start, end):
+    if end > start:
+        n = 200_000
+        depths = start + (np.arange(n) + 0.5) * (end - start) / n  # midpoint rule
+        numeric = float(np.minimum(host_tokens, depths).mean())
+    else:
+        numeric = min(host_tokens, start)
+    assert mean_host_tokens(host_tokens, start, end) == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
+def test_mean_host_tokens_matches_random_cases():
+    rng = random.Random(0)
+    for _ in range(50):
+        start = rng.uniform(0, 4000)
+        end = start + rng.uniform(1, 2000)
+        h = rng.uniform(0, end * 1.2)
+        n = 400_000
+        depths = start + (np.arange(n) + 0.5) * (end - start) / n
+        numeric = float(np.minimum(h, depths).mean())
+        assert mean_host_tokens(h, start, end) == pytest.approx(numeric, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def attention_scenario(rtx4090):
+    return Scenario(_spec(), rtx4090, Workload(1, 8192, 512))
+
+
+@pytest.mark.parametrize("c", [0.125, 0.25, 0.5, 0.75, 0.875])
+def test_hybrid_attention_is_never_faster_than_its_slower_part(attention_scenario, c):
+    scn = attention_scenario
+    spec, wl, p = scn.spec, scn.workload, scn.profile
+    host_tokens = mean_host_tokens(c * wl.context, wl.prompt, wl.context)
+    device_tokens = wl.mean_decode_context - host_tokens
+    assert host_tokens > 0 and device_tokens > 0
+    flops_per_key = 4.0 * spec.heads * spec.head_dim
+    kv_per_key = spec.kv_bytes_per_token_layer
+    acc_part = acc_op_s(p, "bf16", flops_per_key * device_tokens, kv_per_key * device_tokens)
+    cpu_part = (host_attention_s(p, "bf16", flops_per_key * host_tokens, kv_per_key * host_tokens)
+                + d2h_s(p, spec.heads * spec.head_dim * 2) + h2d_s(p, spec.heads * (spec.head_dim + 1) * 4))
+    hybrid = attention_decode(scn, c)
+    assert hybrid.total_s >= max(acc_part, cpu_part) * (1 - 1e-12)
+    assert hybrid.total_s <= acc_part + cpu_part + 2 * p.accelerator.op_overhead_s + 1e-15
+    assert hybrid.hidden_cpu_s + hybrid.total_s >= acc_part + cpu_part - 1e-12  # the shorter side is hidden
+
+
+def test_attention_at_the_ends_runs_on_one_device(attention_scenario):
+    scn = attention_scenario
+    on_gpu, on_cpu = attention_decode(scn, 0.0), attention_decode(scn, 1.0)
+    assert on_gpu.cpu_s == 0 and on_gpu.xfer_s == 0 and on_gpu.acc_s > 0
+    assert on_cpu.acc_s == 0 and on_cpu.cpu_s > 0 and on_cpu.xfer_s > 0
+    # the host scans the KV cache more slowly than the accelerator: moving it there costs time
+    times = [attention_decode(scn, c).total_s for c in KV_LEVELS]
+    assert times[-1] > times[0]
+
+
+@pytest.mark.parametrize("batch,prompt,gen", [(1, 512, 128), (4, 1000, 37), (2, 8192, 512)])
+def test_kv_options_split_exactly_the_full_cache(rtx4090, batch, prompt, gen):
+    spec = _spec()
+    wl = Workload(batch, prompt, gen)
+    options = kv_options(Scenario(spec, rtx4090, wl))
+    full = batch * (prompt + gen) * spec.kv_bytes_per_token_layer
+    assert full == batch * (prompt + gen) * 2 * spec.kv_heads * spec.head_dim * 2
+    assert [o.host_fraction for o in options] == list(KV_LEVELS)
+    for o in options:
+        assert o.vram_bytes + o.host_bytes == full
+        assert o.host_bytes == pytest.approx(o.host_fraction * full, abs=1)
+    assert options[0].host_bytes == 0 and options[-1].vram_bytes == 0
+    assert [o.host_bytes for o in options] == sorted(o.host_bytes for o in options)
+    assert spec.layers * full == batch * (prompt + gen) * spec.kv_bytes_per_token
+
+
+# ---- bytes of tensors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,symmetric,n", [(4, 128, True, 4096 * 4096), (4, 128, False, 4096 * 4096),
+                                                     (8, 64, True, 1000), (3, 128, True, 1001), (2, 32, True, 33)])
+def test_quantized_bytes_are_packed_weights_plus_group_scales(bits, group, symmetric, n):
+    q = Quantization(bits, group, symmetric)
+    scale_bytes = 2 if symmetric else 4  # fp16 scale (+ fp16 zero point)
+    assert q.bytes_for(n) == math.ceil(n * bits / 8) + math.ceil(n / group) * scale_bytes
+
+
+def test_quantized_model_tensor_bytes():
+    spec = _spec(quantization=Quantization(4, 128), attention_bias=True, tied_embeddings=True)
+    q4 = Quantization(4, 128)
+    by = spec.by_name
+    q = by["layers.0.self_attn.q_proj"]
+    assert q.n_bytes == q4.bytes_for(4096 * 4096) + 4096 * 2  # bias stays bf16
+    assert by["layers.0.self_attn.k_proj"].n_bytes == q4.bytes_for(1024 * 4096) + 1024 * 2
+    assert by["layers.0.self_attn.o_proj"].n_bytes == q4.bytes_for(4096 * 4096)  # no bias on o_proj
+    assert by["layers.1.mlp.down_proj"].n_bytes == q4.bytes_for(4096 * 14336)
+    assert by["lm_head"].n_bytes == 32000 * 4096 * 2  # the output layer stays unquantized
+    assert by["embed_tokens"].n_bytes == 0  # tied: stored once, as lm_head
+    assert q4.bytes_for(4096 * 4096) == 4096 * 4096 // 2 + 4096 * 4096 // 128 * 2  # 4.125 bits per weight
+
+
+@pytest.mark.parametrize("name,params", [("llama-3.1-8b", 8_030_261_248), ("llama-3.1-70b", 70_553_706_496),
+                                         ("qwen2.5-7b", 7_615_616_512)])
+def test_preset_sizes_match_the_published_parameter_counts(name, params):
+    spec = preset(name)
+    elt = spec.weight_elt_bytes
+    bias_params = sum(t.n_bytes // elt - t.rows * t.cols for t in spec.tensors())
+    norms = spec.norm_bytes // elt
+    assert spec.params + bias_params + norms == params
+    assert spec.weight_bytes == 2 * params
+
+
+def test_tensor_options_memory_fields(rtx4090):
+    spec = _spec(quantization=Quantization(4, 128))
+    scn = Scenario(spec, rtx4090, Workload(1, 512, 64), rank_choices=(0, 16))
+    t = spec.by_name["layers.0.mlp.up_proj"]
+    options = tensor_options(scn, t)
+    keys = [(o.device, o.prefill_streamed, o.rank) for o in options]
+    assert sorted(keys) == sorted([("gpu", False, 0), ("stream", False, 0), ("gpu", False, 16),
+                                   ("stream", False, 16), ("cpu", False, 0), ("cpu", True, 0)])
+    W = t.n_bytes
+    for o in options:
+        assert (o.vram_bytes, o.buffer_bytes, o.host_bytes) == {
+            ("gpu", False): (W, 0, 0), ("stream", False): (0, W, W),
+            ("cpu", False): (0, 0, W), ("cpu", True): (0, W, W)}[(o.device, o.prefill_streamed)]
+        assert o.comp_bytes == o.rank * (t.rows + t.cols) * 2
+        streamed_in = o.device == "stream"
+        assert (o.decode_link_s > 0) == streamed_in
+        assert (o.prefill_link_s > 0) == (streamed_in or o.prefill_streamed)
+    embed = tensor_options(scn, spec.by_name["embed_tokens"])
+    assert [o.device for o in embed] == ["gpu", "cpu"]
+
+
+def test_expert_weights_are_touched_by_the_routed_share(rtx4090):
+    assert touched_fraction(1.0, 1) == 1.0
+    assert touched_fraction(0.25, 1) == pytest.approx(0.25)
+    assert touched_fraction(0.25, 2) == pytest.approx(1 - 0.75**2)
+    assert touched_fraction(0.25, 4096) == pytest.approx(1.0)
+    moe = _spec(family="mixtral", moe=MoE(experts=8, active=2, expert_intermediate=1024))
+    expert = moe.by_name["layers.0.mlp.experts.3.up_proj"]
+    assert expert.route_prob == pytest.approx(0.25)
+    assert expert.flops_per_token == pytest.approx(2.0 * 1024 * 4096 * 0.25)
