@@ -52,6 +52,8 @@ class PlacedLinear(nn.Module):
         self.host_bias = None if linear.bias is None else devices.host_copy(linear.bias.detach())
         self.device_bias = None if linear.bias is None else linear.bias.detach().to(devices.accelerator)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.recorder = None  # executor.recorder.Recorder when tracing
+        self.stage = name.split(".self_attn")[0].split(".mlp")[0].replace("layers.", "layer ")
 
     def streams_now(self) -> bool:
         return self.placement == "stream" or (self.prefill_streamed and self.engine.phase == "prefill")
@@ -64,6 +66,9 @@ class PlacedLinear(nn.Module):
         moved = time.perf_counter()
         y_host = F.linear(x_host, self.host_weight, self.host_bias)  # [..., out] on the host
         computed = time.perf_counter()
+        if self.recorder is not None:
+            r = self.recorder
+            r.add("cpu", self.name, moved - r.t0, computed - r.t0, self.stage)
         y = to_accelerator(y_host, self.devices)
         done = time.perf_counter()
         self.stats.cpu_s += computed - moved
@@ -97,9 +102,12 @@ class OffloadHandle:
     linear_stats: LinearStats
     resident_bytes: int
     hooks: list = field(default_factory=list)
+    recorder: object = None
 
     def begin(self, phase: str) -> None:
         """Start a forward pass of `phase`: prefetch the first streamed stage."""
+        if self.recorder is not None:
+            self.recorder.phase = phase
         self.engine.begin(phase)
 
     @property
@@ -119,6 +127,14 @@ class OffloadHandle:
 
     def reset_caches(self) -> None:
         self.model.truncate_caches(0)
+
+    def record(self, recorder) -> None:
+        """Record measured events into `recorder` (see executor/recorder.py)."""
+        self.engine.set_recorder(recorder)
+        for module in self.model.modules():
+            if isinstance(module, PlacedLinear):
+                module.recorder = recorder
+        self.recorder = recorder
 
     def close(self) -> None:
         for hook in self.hooks:
@@ -186,6 +202,8 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
             param.data = param.data.to(devices.accelerator)
             resident_bytes += param.numel() * param.element_size()
     engine.allocate()
+    engine.stage_names = {i: f"layer {i}" for i in range(plan.model.layers)}
+    engine.stage_names[plan.model.layers] = "head"
 
     # ---- KV caches ---------------------------------------------------------------------------
     max_tokens = max_tokens or plan.workload.context

@@ -245,8 +245,12 @@ def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress:
     if devices.cuda:
         torch.cuda.reset_peak_memory_stats()
 
+    recorder = _start_trace(handle) if options.trace else None
     progress(f"prefill of {wl.batch}x{wl.prompt} tokens, then {wl.gen - 1} decode steps")
     ttft_s, step_times, tokens, decode_counters = _generate(handle, prompt, wl.gen, timer)
+    hooks = recorder.hooks if recorder else []
+    for hook in hooks:
+        hook.remove()
     steps = max(len(step_times), 1)
     decode_s = sum(step_times)
     copied_bytes, busy_s, wait_s, cpu_s = decode_counters
@@ -261,7 +265,34 @@ def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress:
         link_gbps=copied_bytes / busy_s / 1e9 if busy_s > 0 else 0.0,
         copy_wait_s_per_step=wait_s / steps, cpu_linear_s_per_step=cpu_s / steps,
         tokens=tuple(tuple(int(t) for t in row) for row in tokens.tolist()),
-        stages=timer.summary(handle.plan, steps) if timer else ())
+        stages=timer.summary(handle.plan, steps) if timer else (),
+        events=tuple(recorder.events) if recorder else ())
+
+
+def _start_trace(handle: OffloadHandle):
+    """Record accelerator intervals per stage (forward hooks), copies and cpu matmuls."""
+    from .recorder import Recorder
+    recorder = Recorder()
+    handle.record(recorder)
+    modules = [(f"layer {i}", m) for i, m in enumerate(handle.model.model.layers)] + [("head", handle.model.lm_head)]
+    starts: dict[str, float] = {}
+
+    def pre(stage):
+        def hook(module, args):
+            _sync(handle.devices)
+            starts[stage] = recorder.now()
+        return hook
+
+    def post(stage):
+        def hook(module, args, output):
+            _sync(handle.devices)
+            recorder.add("accelerator", stage, starts[stage], recorder.now(), stage)
+        return hook
+    recorder.hooks = []
+    for stage, module in modules:
+        recorder.hooks.append(module.register_forward_pre_hook(pre(stage)))
+        recorder.hooks.append(module.register_forward_hook(post(stage)))
+    return recorder
 
 
 def _generate(handle: OffloadHandle, prompt: torch.Tensor, gen: int, timer: "_StageTimer | None"):

@@ -79,7 +79,7 @@ class _CudaCopier:
         self.stream = torch.cuda.Stream(device)
         self.device = device
 
-    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str = "") -> torch.cuda.Event:
         freed = torch.cuda.Event()
         freed.record(torch.cuda.current_stream(self.device))  # compute up to here is done with the slot
         with torch.cuda.stream(self.stream):
@@ -106,16 +106,20 @@ class _ThreadCopier:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offplan-prefetch")
         self.busy_s = 0.0
         self.lock = threading.Lock()
+        self.recorder = None  # executor.recorder.Recorder when tracing
 
-    def _run(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _run(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> None:
         start = time.perf_counter()
+        began = self.recorder.now() if self.recorder else 0.0
         for dst, src in jobs:
             dst.copy_(src)
         with self.lock:
             self.busy_s += time.perf_counter() - start
+        if self.recorder:
+            self.recorder.add("h2d", f"stream {label}", began, self.recorder.now(), label)
 
-    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> Future:
-        return self.pool.submit(self._run, jobs)
+    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str = "") -> Future:
+        return self.pool.submit(self._run, jobs, label)
 
     @staticmethod
     def wait(handle: Future) -> None:
@@ -143,6 +147,11 @@ class PrefetchEngine:
         self._copier = _CudaCopier(devices.accelerator) if devices.cuda else _ThreadCopier()
         self.bytes_copied = 0
         self.wait_s = 0.0  # compute time lost waiting for copies
+        self.stage_names: dict[int, str] = {}  # stage index -> "layer 3" / "head", for traces
+
+    def set_recorder(self, recorder) -> None:
+        if isinstance(self._copier, _ThreadCopier):
+            self._copier.recorder = recorder
 
     # ---- set-up ------------------------------------------------------------------------------
     def register(self, name: str, stage: int, host_weight: torch.Tensor, phases: tuple[str, ...]) -> None:
@@ -216,7 +225,7 @@ class PrefetchEngine:
             jobs.append((view, src))
             offset += -(-n_bytes // _ALIGN_BYTES) * _ALIGN_BYTES
             n_total += n_bytes
-        self._pending[stage] = (self._copier.issue(jobs), n_total)
+        self._pending[stage] = (self._copier.issue(jobs, self.stage_names.get(stage, f"stage {stage}")), n_total)
 
     def weight(self, name: str) -> torch.Tensor:
         return self._views[name]

@@ -104,12 +104,15 @@ def run(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
     profile_layers: Annotated[bool, typer.Option("--profile-layers", help="Time every stage.")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the measured timeline as a "
+                                                                  "Chrome/Perfetto trace.")] = None,
 ) -> None:
     """Execute a plan with PyTorch; compare measured with predicted speed."""
     from .plan import load_plan
     from .render_run import comparison_table, stage_table
     from .schema import atomic_write
     check_out_path(json_file)
+    check_out_path(trace)
     if checkpoint is not None and synthetic:
         raise OffplanError("--checkpoint and --synthetic: give one of them")
     plan = load_plan(plan_file)
@@ -118,7 +121,8 @@ def run(
     except ImportError as exc:
         raise OffplanError(f"offplan run needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
     options = RunOptions(checkpoint=checkpoint, synthetic=synthetic, seed=seed, prompt=prompt, gen=gen,
-                         threads=threads, profile_layers=profile_layers, draft_checkpoint=draft_checkpoint)
+                         threads=threads, profile_layers=profile_layers, draft_checkpoint=draft_checkpoint,
+                         trace=trace is not None)
     with console.status("running...", spinner="dots") as status:
         report = run_plan(plan, options, lambda msg: status.update(msg))
     wl = report.workload
@@ -134,6 +138,12 @@ def run(
                       "(weights, buffers, KV cache)")
     if m.stages:
         console.print(stage_table(m.stages))
+    if trace is not None:
+        from .trace import write_trace
+        write_trace(trace, list(m.events), {"source": "measured", "model": plan.model.name, "device": report.device,
+                                            "workload": vars(wl)})
+        console.print(f"measured trace written to [bold]{trace}[/] ({len(m.events)} events): open it in "
+                      "chrome://tracing or https://ui.perfetto.dev")
     if json_file is not None:
         atomic_write(json_file, json.dumps(run_report_json(report), indent=2) + "\n")
         console.print(f"report written to [bold]{json_file}[/]")

@@ -175,3 +175,27 @@ def test_acceptance_cli_measures_an_identical_draft_as_one(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "planner.cli", "acceptance", "--target", str(tmp_path / "ckpt"),
                           "--draft", str(tmp_path / "ckpt"), "--prompts", str(prompts)], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_measured_trace_respects_dependencies(tmp_path):
+    spec = small_spec()
+    names = [t.name for t in spec.tensors()]
+    devices = {n: ("cpu" if n == "embed_tokens" else ("stream" if "mlp" in n else ("cpu" if "o_proj" in n else "gpu")))
+               for n in names}
+    plan = plan_for(spec, Placement(devices, (0.0,) * spec.layers))
+    events = run_plan(plan, RunOptions(synthetic=True, trace=True), devices=CPU).measured.events
+    by_resource = {}
+    for e in events:
+        by_resource.setdefault(e.resource, []).append(e)
+        assert e.end_s >= e.start_s >= 0
+    assert {"accelerator", "h2d", "cpu"} <= set(by_resource)
+    for resource, evs in by_resource.items():  # one stream, one copy thread, one host: no overlap
+        evs.sort(key=lambda e: e.start_s)
+        assert all(a.end_s <= b.start_s + 1e-9 for a, b in zip(evs, evs[1:])), resource
+    compute = sorted(by_resource["accelerator"], key=lambda e: e.start_s)
+    for e in by_resource["h2d"]:  # a stage computes only after its streamed weights arrived
+        later = [c for c in compute if c.stage == e.stage and c.start_s >= e.start_s]
+        if later:
+            assert later[0].start_s >= e.end_s - 1e-9
+    for e in by_resource["cpu"]:  # a cpu matmul runs inside its layer's interval
+        assert any(c.stage == e.stage and c.start_s <= e.start_s and e.end_s <= c.end_s + 1e-9 for c in compute)
