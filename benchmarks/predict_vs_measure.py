@@ -5,9 +5,11 @@ budgets, the baselines, hand-made placements that stream / compute on the CPU / 
 KV cache), prints predicted and measured decode tokens/s and time to first token, the error
 of each, and the median absolute error of decode speed.
 
-    python benchmarks/predict_vs_measure.py [--profile FILE] [--quick]
+    python benchmarks/predict_vs_measure.py [--profile FILE] [--threads 1]
 
-Without --profile it measures this machine first (`offplan profile --quick`).
+Without --profile it measures this machine first (`offplan profile --quick`) at the same
+thread count as the runs. One torch thread is the default: on a small shared machine,
+OpenMP matmuls with every core busy collapse whenever another process wants a core.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from planner.units import GIB
 from executor.run import RunOptions, error_pct, run_plan
 
 
-def loopback_profile(path: str | None):
+def loopback_profile(path: str | None, threads: int):
     if path:
         return load_profile(path)
     from executor.profiler import profile_machine
-    return profile_machine(quick=True)
+    return profile_machine(quick=True, threads=threads)
 
 
 def plans(spec, profile, workload):
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--model", default="examples/tiny.yaml")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--gen", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    profile = loopback_profile(args.profile)
+    profile = loopback_profile(args.profile, args.threads)
     spec = load_model_file(args.model).spec
     workload = Workload(1, args.prompt, args.gen)
     table = Table(title=f"{spec.name} on {profile.name}: predicted vs measured")
@@ -79,7 +82,7 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "plan" else "right")
     decode_errors, ttft_errors = [], []
     for name, plan in plans(spec, profile, workload):
-        report = run_plan(plan, RunOptions(synthetic=True))
+        report = run_plan(plan, RunOptions(synthetic=True, threads=args.threads))
         p, m = report.predicted, report.measured
         e_dec = error_pct(p.decode_tokens_per_s, m.decode_tokens_per_s)
         e_ttft = error_pct(p.ttft_s, m.ttft_s)
