@@ -64,35 +64,40 @@ def relative_logit_error(model, prompts, reference) -> float:
 
 @dataclass
 class Config:
-    """One model under test, with its per-step decode times and branch counters."""
+    """One model under test, its last greedy token, per-step decode times, branch counters."""
 
     label: str
     model: object
     handle: object | None = None
+    token: torch.Tensor | None = None  # [1, 1]
     step_s: list[float] = field(default_factory=list)
     branch_s: float = 0.0
     exposed_s: float = 0.0
 
 
 @torch.no_grad()
-def time_decode(config: Config, prompt: torch.Tensor, steps: int, warmup: int = 2) -> None:
-    """Greedy decode after a prefill of `prompt` [1, t]; appends the time of each of `steps`
-    steps and adds the branch counters of those steps (prefill and warm-up excluded)."""
-    model = config.model
-    model.setup_caches(1, prompt.shape[1] + warmup + steps, device="cpu")
-    token = model(prompt)[:, -1:].argmax(-1)  # [1, 1]
-    for _ in range(warmup):
-        token = model(token)[:, -1:].argmax(-1)
-    if config.handle is not None:
-        config.handle.reset_timers()
+def time_decode(configs: list[Config], prompt: torch.Tensor, steps: int, warmup: int = 2) -> None:
+    """Prefill `prompt` [1, t] on every model, then run `steps` greedy decode steps taking
+    the models in turn, so that load from other programs hits them alike; appends each
+    step's time and adds the branch counters of the timed steps."""
+    for config in configs:
+        model = config.model
+        model.setup_caches(1, prompt.shape[1] + warmup + steps, device="cpu")
+        config.token = model(prompt)[:, -1:].argmax(-1)
+        for _ in range(warmup):
+            config.token = model(config.token)[:, -1:].argmax(-1)
+        if config.handle is not None:
+            config.handle.reset_timers()
     for _ in range(steps):
-        start = time.perf_counter()
-        token = model(token)[:, -1:].argmax(-1)
-        config.step_s.append(time.perf_counter() - start)
-    if config.handle is not None:
-        config.branch_s += config.handle.host_branch_s
-        config.exposed_s += config.handle.wait_s
-    model.setup_caches(1, 1, device="cpu")  # drop the cache memory
+        for config in configs:
+            start = time.perf_counter()
+            config.token = config.model(config.token)[:, -1:].argmax(-1)
+            config.step_s.append(time.perf_counter() - start)
+    for config in configs:
+        if config.handle is not None:
+            config.branch_s += config.handle.host_branch_s
+            config.exposed_s += config.handle.wait_s
+        config.model.setup_caches(1, 1, device="cpu")  # drop the cache memory
 
 
 def main() -> None:
@@ -153,11 +158,8 @@ def main() -> None:
             handle = compensate_model(model, ranks, BITS, GROUP, True, moments, cache_dequantized=True)
             configs.append(Config(label, model, handle))
             errors[label] = relative_logit_error(model, held_out, reference)
-        # Rounds interleave the configurations so that load from other programs hits them
-        # alike; the median step time is the figure.
-        for _ in range(args.rounds):
-            for config in configs:
-                time_decode(config, held_out[0], args.steps)
+        for round_ in range(args.rounds):
+            time_decode(configs, held_out[round_ % len(held_out)], args.steps)
     finally:
         for config in configs:
             if config.handle is not None:

@@ -64,8 +64,9 @@ def accelerate(scn: Scenario, tables: OptionTables) -> BaselineResult:
                                "gpu" if "embed" in on_gpu else "cpu", [0.0] * spec.layers)
         prediction = _fits(scn, placement, tables)
         if prediction:
+            n_layers = len(on_gpu & set(range(spec.layers)))
             return BaselineResult("accelerate", placement, prediction,
-                                  f"{max(n_gpu - 1, 0)} of {spec.layers} layers on the GPU")
+                                  f"{n_layers} of {spec.layers} layers on the GPU")
     return BaselineResult("accelerate", None, None, "the KV cache alone does not fit on the GPU")
 
 

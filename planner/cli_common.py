@@ -16,7 +16,7 @@ from .errors import OffplanError
 from .hardware import HardwareProfile, load_profile, with_overrides
 from .modelfile import ModelFile, load_model_file
 from .spec import Workload
-from .units import parse_bytes
+from .units import fmt_bytes, parse_bytes
 
 console = Console()
 err_console = Console(stderr=True)
@@ -41,8 +41,16 @@ DEFAULT_WORKLOAD = Workload(batch=1, prompt=512, gen=128)
 def load_hardware(hw: str, vram: str | None, ram: str | None, host_bw: float | None) -> HardwareProfile:
     if host_bw is not None and host_bw <= 0:
         raise OffplanError(f"--host-bw: must be positive, got {host_bw}")
-    return with_overrides(load_profile(hw), parse_bytes(vram, "--vram") if vram else None,
-                          parse_bytes(ram, "--ram") if ram else None, host_bw)
+    profile = load_profile(hw)
+    vram_bytes = parse_bytes(vram, "--vram") if vram else None
+    if vram_bytes is not None and vram_bytes <= profile.reserve_bytes:
+        raise OffplanError(f"--vram {vram}: not more than the runtime reserve of {fmt_bytes(profile.reserve_bytes)} "
+                           f"that profile {hw!r} keeps; give more --vram")
+    ram_bytes = parse_bytes(ram, "--ram") if ram else None
+    if ram_bytes is not None and ram_bytes <= profile.host_reserve_bytes:
+        raise OffplanError(f"--ram {ram}: not more than the {fmt_bytes(profile.host_reserve_bytes)} profile {hw!r} "
+                           "keeps for the OS; give more --ram")
+    return with_overrides(profile, vram_bytes, ram_bytes, host_bw)
 
 
 def resolve_workload(model: ModelFile, prompt: int | None, gen: int | None, batch: int | None) -> Workload:
@@ -70,6 +78,8 @@ def check_out_path(out: Path | None) -> None:
     if out is None:
         return
     parent = out.expanduser().resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise OffplanError(f"--out {out}: {parent} is a file, not a directory")
     if not parent.exists():
         raise OffplanError(f"--out {out}: directory {parent} does not exist")
     if out.is_dir():
@@ -98,8 +108,8 @@ def run_app(app: typer.Typer) -> None:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
     except Exception as exc:  # click usage errors and file-system errors
-        import click
-        if isinstance(exc, click.ClickException):
+        # typer may vendor its own click, so usage errors are recognised by what they offer.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, OSError) and not debug:

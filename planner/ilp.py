@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import pulp
 
-from .cost import Scenario
+from .cost import Scenario, host_staging_bytes
 from .errors import InfeasiblePlanError, OffplanError, SpecError
 from .placement import Placement
 from .predict import OptionTables, Prediction, chosen_options, memory_use, option_tables, predict
@@ -28,6 +28,10 @@ from .units import fmt_bytes
 
 MS = 1e3
 GIB = float(2**30)
+# Memory rows are in GiB and the solver's feasibility tolerance is absolute, so a plan can
+# overshoot a device by up to a few KiB; solve_placement then solves again with the overshoot
+# (times this factor) kept free.
+_MARGIN_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class Solution:
     solve_time_s: float
     n_variables: int
     n_constraints: int
+    gap: float = 0.0  # proven relative distance from the optimum (0 when optimal; nan if unknown)
 
 
 def pick_solver(options: SolverOptions) -> tuple[str, pulp.LpSolver]:
@@ -92,7 +97,8 @@ def check_lower_bounds(tables: OptionTables) -> None:
     total += sum(o.vram_bytes + o.host_bytes for o in least_kv)
     spare_vram = max(vram.capacity_bytes - vram.used_bytes, 0)
     _, host = _memory(tables, least, least_kv)
-    needed = total - spare_vram + host.buffer_bytes
+    # Staging is left out: a placement that streams everything needs none (a valid bound).
+    needed = total - spare_vram
     if needed > host.capacity_bytes:
         raise InfeasiblePlanError(
             f"needs {fmt_bytes(needed)} of host memory, {fmt_bytes(host.capacity_bytes)} available "
@@ -111,23 +117,41 @@ def solve_placement(scn: Scenario, options: SolverOptions = SolverOptions(),
     tables = tables or option_tables(scn)
     check_lower_bounds(tables)
     check_quality(tables, options)
-    prob, x, z, groups, _ = build_problem(tables, options)
     name, solver = pick_solver(options)
-    start = time.perf_counter()
-    prob.solve(solver)
-    elapsed = time.perf_counter() - start
-    status = pulp.LpStatus[prob.status]
-    has_solution = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
-    if not has_solution:
-        raise _infeasible(tables, status, options)
-    placement = _read_placement(tables, x, z, groups)
-    tensor, kv = chosen_options(tables, placement)
-    prediction = predict(tables, tensor, kv)
+    margin, elapsed = (0.0, 0.0), 0.0
+    for _attempt in range(3):
+        prob, x, z, groups, _ = build_problem(tables, options, margin)
+        start = time.perf_counter()
+        prob.solve(solver)
+        elapsed += time.perf_counter() - start
+        status = pulp.LpStatus[prob.status]
+        if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            raise _infeasible(tables, status, options)
+        placement = _read_placement(tables, x, z, groups)
+        prediction = predict(tables, *chosen_options(tables, placement))
+        over = (prediction.vram.used_bytes - prediction.vram.capacity_bytes,
+                prediction.host.used_bytes - prediction.host.capacity_bytes)
+        if max(over) <= 0:
+            break
+        margin = tuple(m + _MARGIN_FACTOR * max(o, 0) for m, o in zip(margin, over))
+    else:
+        raise InfeasiblePlanError("the solver's plans keep exceeding memory by a few bytes; "
+                                  "leave a little more --vram / --ram free", "memory")
     label = "optimal" if prob.sol_status == pulp.LpSolutionOptimal else "time limit (best found)"
+    gap = _mip_gap(prob) if label != "optimal" else 0.0
     # Under quality "max" the objective is recovery, not time: report the plan's time.
     objective_s = prediction.total_s if options.quality_mode == "max" else pulp.value(prob.objective) / MS
     return Solution(placement, prediction, name, label, objective_s, elapsed,
-                    len(prob.variables()), len(prob.constraints))
+                    len(prob.variables()), prob.numConstraints(), gap)
+
+
+def _mip_gap(prob: pulp.LpProblem) -> float:
+    """HiGHS's proven relative gap of the incumbent (nan for solvers that do not say)."""
+    model = getattr(prob, "solverModel", None)
+    try:
+        return float(model.getInfo().mip_gap)
+    except AttributeError:
+        return float("nan")
 
 
 def solve_compensated(scn: Scenario, options: SolverOptions = SolverOptions(),
@@ -246,7 +270,8 @@ def layer_groups(n_layers: int, max_groups: int) -> list[tuple[int, int]]:
     return groups
 
 
-def build_problem(tables: OptionTables, options: SolverOptions):
+def build_problem(tables: OptionTables, options: SolverOptions, margin_bytes: tuple[float, float] = (0.0, 0.0)):
+    """The MILP. `margin_bytes` = (accelerator, host) memory kept free beyond the model."""
     scn = tables.scenario
     spec = scn.spec
     prob = pulp.LpProblem("offplan_placement", pulp.LpMinimize)
@@ -269,6 +294,8 @@ def build_problem(tables: OptionTables, options: SolverOptions):
     t_out_dec = [pulp.LpVariable(f"T_decode_{g}", lowBound=0) for g in range(n_units)]
     t_out_pf = [pulp.LpVariable(f"T_prefill_{g}", lowBound=0) for g in range(n_units)]
     buffer_gib = pulp.LpVariable("largest_streamed_stage_gib", lowBound=0)
+    # 1 when anything computes on the host: the pinned activation staging is needed then.
+    host_compute = pulp.LpVariable("host_compute", cat=pulp.LpBinary)
     sizes = [size for _, size in groups] + [1]
 
     def unit_sum(g, attr, scale=1.0):
@@ -341,10 +368,20 @@ def build_problem(tables: OptionTables, options: SolverOptions):
     kv_vram = pulp.lpSum(sizes[g] * o.vram_bytes / GIB * v for g in range(len(groups)) for o, v in zip(tables.kv, z[g]))
     kv_host = pulp.lpSum(sizes[g] * o.host_bytes / GIB * v for g in range(len(groups)) for o, v in zip(tables.kv, z[g]))
     prob += (pulp.lpSum(sizes[g] * unit_sum(g, "vram_bytes", 1 / GIB) for g in range(n_units)) + 2 * buffer_gib
-             + kv_vram <= (vram0.capacity_bytes - vram_fixed) / GIB), "accelerator_memory"
+             + kv_vram <= (vram0.capacity_bytes - vram_fixed - margin_bytes[0]) / GIB), "accelerator_memory"
+    staging_gib = host_staging_bytes(scn) / GIB
     prob += (pulp.lpSum(sizes[g] * (unit_sum(g, "host_bytes", 1 / GIB) + unit_sum(g, "comp_bytes", 1 / GIB))
                         for g in range(n_units))
-             + kv_host <= (host0.capacity_bytes - host0.buffer_bytes) / GIB), "host_memory"
+             + kv_host + staging_gib * host_compute <= (host0.capacity_bytes - margin_bytes[1]) / GIB), "host_memory"
+    for g, slots in enumerate(x):
+        for i, (t, vars_) in enumerate(zip(rep[g], slots)):
+            for k, (o, v) in enumerate(zip(tables.tensor[t.name], vars_)):
+                if o.device == "cpu":
+                    prob += host_compute >= v, f"host_compute_{g}_{i}_{k}"
+    for g, vars_ in enumerate(z):
+        for k, (o, v) in enumerate(zip(tables.kv, vars_)):
+            if o.host_fraction > 0:
+                prob += host_compute >= v, f"host_compute_kv_{g}_{k}"
 
     # ---- constraints: quality (compensation) --------------------------------------------
     if options.quality is not None and n_quantized:

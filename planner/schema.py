@@ -86,7 +86,7 @@ def _convert(tp: Any, value: Any, path: str, error: type[OffplanError]) -> Any:
             raise _fail(error, path, f"expected a mapping, got {value!r}")
         if not args:
             return dict(value)
-        return {str(k): _convert(args[1], v, f"{path}.{k}", error) for k, v in value.items()}
+        return {_key(args[0], k, path, error): _convert(args[1], v, f"{path}.{k}", error) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise _fail(error, path, f"expected true or false, got {value!r}")
@@ -98,6 +98,16 @@ def _convert(tp: Any, value: Any, path: str, error: type[OffplanError]) -> Any:
     if tp in (int, float):
         return _number(tp, value, path, error)
     raise _fail(error, path, f"unsupported type {tp!r}")  # a schema bug, not user input
+
+
+def _key(tp: Any, key: Any, path: str, error: type[OffplanError]) -> Any:
+    """Mapping keys: int keys (ranks) survive a YAML round trip whether written as 8 or '8'."""
+    if tp is int:
+        try:
+            return int(key)
+        except (TypeError, ValueError):
+            raise _fail(error, path, f"key {key!r} is not a whole number") from None
+    return str(key)
 
 
 def _number(tp: type, value: Any, path: str, error: type[OffplanError]) -> float | int:

@@ -145,9 +145,6 @@ def test_when_everything_fits_accelerate_keeps_it_all_on_the_gpu_and_the_ilp_is_
     assert solution.prediction.total_s < baselines["stream-all"].prediction.total_s
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="baselines.accelerate counts embed and lm_head as layers: the note says "
-                          "'9 of 8 layers on the GPU' when everything fits")
 def test_accelerate_note_counts_decoder_layers_only():
     spec = load_model_file(str(TINY)).spec
     scn = Scenario(spec, load_profile("rtx4090"), Workload(1, 256, 64))

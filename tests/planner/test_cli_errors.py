@@ -222,11 +222,8 @@ def test_debug_mode_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr and "SpecError" in result.stderr
 
 
-# ---- known defects ------------------------------------------------------------------------------
+# ---- formerly known defects (fixed) ----------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="typer 0.29 (installed) vendors click as typer._click, so run_app's isinstance "
-                          "check on click.ClickException misses usage errors: traceback, exit code 1")
 @pytest.mark.parametrize("args", [("solve", SMALL), ("solve", SMALL, "--hw", SMALL_HW, "--prompt", "abc")],
                          ids=["missing --hw", "--prompt abc"])
 def test_usage_errors_exit_2_without_a_traceback(args):
@@ -236,17 +233,11 @@ def test_usage_errors_exit_2_without_a_traceback(args):
     assert "--hw" in result.stderr or "--prompt" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="--vram below the profile's reserve is reported as 'accelerator.memory_bytes: ... "
-                          "leave nothing after reserve_bytes', naming a profile field, not --vram")
 def test_vram_below_the_reserve_names_vram():
     result = offplan("solve", SMALL, "--hw", SMALL_HW, "--vram", "300MiB")
     assert_one_line_error(result, "--vram")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="check_out_path accepts a parent that is a file; the solve runs, then "
-                          "atomic_write fails with 'File exists: <parent>' without naming --out")
 def test_out_under_a_regular_file_names_out(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")

@@ -314,9 +314,6 @@ def test_the_stream_only_instance_fits_without_staging():
     assert host_staging_bytes(scn) > 4 * feasible.host.used_bytes  # counting staging would not fit
 
 
-@pytest.mark.xfail(strict=True, raises=InfeasiblePlanError,
-                   reason="ilp.check_lower_bounds adds host staging even when no placement needs it, "
-                          "and rejects a problem that has a feasible placement")
 def test_lower_bound_does_not_reject_a_feasible_stream_only_problem():
     scn, placement = _stream_only_instance()
     solution = solve_and_check(scn)
@@ -348,9 +345,6 @@ def test_the_staging_instances_need_staging_to_fit(seed):
     assert host.used_bytes - host.buffer_bytes <= host.capacity_bytes < host.used_bytes
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="ilp.build_problem takes host staging from an all-GPU choice (_cheapest), so "
-                          "it never counts it: the plan overflows host memory by up to the staging size")
 def test_ilp_counts_host_staging_when_it_computes_on_the_host():
     overflows = []
     for seed in STAGING_SEEDS:
@@ -364,9 +358,6 @@ def test_ilp_counts_host_staging_when_it_computes_on_the_host():
     assert not overflows, f"(seed, bytes over, staging bytes) {overflows}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="memory rows are in GiB, so HiGHS' ~1e-6 feasibility tolerance lets plans exceed "
-                          "capacity by up to ~1 KiB; solve_placement does not check prediction.fits")
 def test_ilp_plans_never_exceed_capacity_by_a_single_byte():
     """Small tensors (4-500 KiB) make the tolerance visible: these seeds overflow by 0.4-1 KiB."""
     overflows = []

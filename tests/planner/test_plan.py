@@ -77,9 +77,6 @@ def test_a_solved_plan_round_trips_and_its_prediction_is_reproducible(tmp_path):
     assert back.provenance.objective_s == pytest.approx(plan.predicted.total_s, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="schema._convert turns every mapping key into str, ignoring the key type: "
-                          "rank_recovery {'q_proj': {8: 0.3}} loads as {'q_proj': {'8': 0.3}}")
 def test_rank_recovery_tables_round_trip(tmp_path):
     scn = _rich_scenario(rank_recovery={"q_proj": {8: 0.3}, "v_proj": {8: 0.5}})
     plan = make_plan(scn, _rich_placement(scn.spec), "ilp")

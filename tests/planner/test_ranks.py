@@ -21,7 +21,7 @@ from planner.ilp import SolverOptions, parse_quality, solve_compensated, solve_p
 from planner.modelfile import Compensation
 from planner.predict import chosen_options, option_tables, predict
 from planner.ranks import (RankTable, check_table, compensation_settings, default_table, interpolate_remaining,
-                           load_rank_table, prior_recovered, rank_recovery, save_rank_table, table_from_data)
+                           load_rank_table, prior_recovered, rank_recovery, save_rank_table)
 from planner.schema import from_dict
 from planner.spec import ModelSpec, Quantization, Workload
 
