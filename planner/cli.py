@@ -42,13 +42,32 @@ def solve(
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Ignore the model file's draft candidates.")] = False,
     accept: Annotated[list[str], typer.Option("--acceptance", help="Measured acceptance of a draft: NAME=RATE "
                                                                    "(repeat; see `offplan acceptance`).")] = [],
+    quality: Annotated[Optional[str], typer.Option("--quality", help="Quantized models: 'max' (recover the most "
+                       "error within --slack of the fastest plan) or R in 0..1 (fastest plan recovering R).")] = None,
+    slack: Annotated[float, typer.Option("--slack", help="With --quality max: allowed slow-down, 0.02 = 2%.")] = 0.02,
+    rank_table: Annotated[Optional[Path], typer.Option("--rank-table", help="ranks.yaml from `offplan "
+                                                                            "sensitivity`.")] = None,
 ) -> None:
     """Find the fastest placement that fits (and the best draft model), and say why."""
     check_out_path(out)
     model_file = load_model(model)
     profile = load_hardware(hw, vram, ram, host_bw)
     workload = resolve_workload(model_file, prompt, gen, batch)
-    options = SolverOptions(time_limit_s=time_limit, solver=solver)
+    from .ilp import parse_quality, solve_compensated
+    from .ranks import compensation_settings, load_rank_table
+    quality_mode, quality_value = parse_quality(quality)
+    if not 0 <= slack <= 1:
+        raise OffplanError(f"--slack: must be between 0 and 1, got {slack}")
+    rank_choices, rank_recovery = (0,), {}
+    if quality is not None:
+        if model_file.spec.quantization is None:
+            raise OffplanError("--quality: the model is not quantized; add 'quantization:' to the model file")
+        table = load_rank_table(rank_table) if rank_table else None
+        rank_choices, rank_recovery = compensation_settings(model_file.spec, model_file.compensation, table)
+    elif rank_table is not None:
+        raise OffplanError("--rank-table: give --quality too (max, or a fraction such as 0.5)")
+    options = SolverOptions(time_limit_s=time_limit, solver=solver, quality=quality_value,
+                            quality_mode=quality_mode, slack=slack)
     search_result = None
     if model_file.drafts and not no_draft:
         from .search import search, search_plan
@@ -57,14 +76,14 @@ def solve(
                 else _nullcontext() as status:
             search_result = search(model_file.spec, profile, workload, model_file.drafts, options,
                                    progress=(lambda line: status.update(line)) if not json_out else None,
-                                   acceptance=acceptance)
+                                   acceptance=acceptance, rank_choices=rank_choices, rank_recovery=rank_recovery)
         scn = search_result.scenario
         plan = search_plan(search_result)
         solution = search_result.best.solution
     else:
-        scn = Scenario(model_file.spec, profile, workload)
+        scn = Scenario(model_file.spec, profile, workload, rank_choices=rank_choices, rank_recovery=rank_recovery)
         with console.status("solving placement ILP...", spinner="dots") if not json_out else _nullcontext():
-            solution = solve_placement(scn, options)
+            solution = solve_compensated(scn, options)
         plan = make_plan(scn, solution.placement, "ilp", solution.prediction, solution.solver, solution.status,
                          solution.solve_time_s, solution.objective_s)
     tables = option_tables(scn)
@@ -76,12 +95,20 @@ def solve(
         return
     console.print(f"[bold]{model_line(plan.model)}[/]")
     console.print(f"on {profile.name}; batch {workload.batch}, prompt {workload.prompt}, generate {workload.gen}")
-    console.print(f"solved with {solution.solver} in {fmt_seconds(solution.solve_time_s)} ({solution.status}; "
+    within = f", within {solution.gap:.1%} of optimal" if solution.gap == solution.gap and solution.gap > 0 else ""
+    console.print(f"solved with {solution.solver} in {fmt_seconds(solution.solve_time_s)} ({solution.status}{within}; "
                   f"{solution.n_variables} variables)" + (f"; {len(search_result.candidates)} draft combinations "
                                                           f"considered" if search_result else ""))
     console.print(placement_table(plan))
     console.print(memory_table(plan))
     console.print(speed_table(plan))
+    if quality is not None:
+        from .compensation_time import compensation_time
+        ct = compensation_time(tables, plan.placement)
+        console.print(f"compensation: {ct.tensors} matrices with a CPU branch; predicted recovered error "
+                      f"{plan.predicted.recovered_error:.1%} of the quantization error; CPU branch "
+                      f"{fmt_seconds(ct.branch_s)} per step, {fmt_seconds(ct.hidden_s)} hidden behind the "
+                      f"accelerator, {fmt_seconds(ct.exposed_s)} exposed")
     if search_result is not None:
         from .render_search import alternatives_table, draft_summary
         console.print(draft_summary(search_result))
@@ -217,6 +244,54 @@ def acceptance(
     console.print(f"acceptance of {draft_spec.name} for {target_spec.name}: [bold]{rate:.3f}[/] per token; "
                   f"{per_step:.2f} tokens per verify step at gamma {gamma} ({len(token_lists)} prompts)")
     console.print(f"use it with: offplan solve MODEL --acceptance {draft_spec.name}={rate:.3f}")
+
+
+@app.command()
+def sensitivity(
+    source: Annotated[str, typer.Argument(help="Checkpoint directory; with --synthetic a model file or preset.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Write the rank table (ranks.yaml).")],
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Random weights of the model's shape.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Prompt file (token ids per line) "
+                                                                              "for activation-aware tables.")] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="Quantization bits (4 or 8).")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weights per scale group.")] = None,
+    ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks to tabulate.")] = "0,8,16,32,64,128",
+) -> None:
+    """Measure, per weight matrix, the quantization error left at each compensation rank."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from .ranks import save_rank_table
+    check_out_path(out)
+    try:
+        rank_list = sorted({int(r) for r in ranks.split(",") if r.strip()})
+    except ValueError:
+        raise OffplanError(f"--ranks {ranks!r}: write whole numbers separated by commas, e.g. 0,8,16,32") from None
+    if not rank_list or rank_list[0] < 0:
+        raise OffplanError(f"--ranks {ranks!r}: need at least one rank, none negative")
+    try:
+        import torch
+        from executor.sensitivity import random_prompts, sensitivity as measure, synthetic_sensitivity
+        from executor.speculative import load_prompts
+        from executor.weights import load_checkpoint
+    except ImportError as exc:
+        raise OffplanError(f"offplan sensitivity needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+        task = bar.add_task("quantizing and factorising", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+        if synthetic:
+            spec = load_model(source).spec
+            q = spec.quantization
+            table = synthetic_sensitivity(spec, rank_list, bits or (q.bits if q else 4),
+                                          group_size or (q.group_size if q else 128), progress=progress)
+        else:
+            spec, model = load_checkpoint(source, dtype="fp32")
+            prompts = ([torch.tensor(t).unsqueeze(0) for t in load_prompts(calibration, vocab=spec.vocab)]
+                       if calibration else random_prompts(spec.vocab))
+            table = measure(model, spec, bits or 4, group_size or 128, rank_list, prompts, progress=progress)
+    save_rank_table(table, out)
+    console.print(f"rank table of {len(table.tensors)} matrices ({table.method}) written to [bold]{out}[/]; use it "
+                  f"with `offplan solve MODEL --quality max --rank-table {out}`")
 
 
 @app.command()
