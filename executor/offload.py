@@ -103,6 +103,7 @@ class OffloadHandle:
     resident_bytes: int
     hooks: list = field(default_factory=list)
     recorder: object = None
+    on_close: list = field(default_factory=list)  # callbacks run by close() (e.g. compensation workers)
 
     def begin(self, phase: str) -> None:
         """Start a forward pass of `phase`: prefetch the first streamed stage."""
@@ -137,6 +138,8 @@ class OffloadHandle:
         self.recorder = recorder
 
     def close(self) -> None:
+        for callback in self.on_close:
+            callback()
         for hook in self.hooks:
             hook.remove()
         self.engine.close()
@@ -146,11 +149,34 @@ class OffloadHandle:
 
 
 def _check_model(model: Transformer, plan: Plan) -> None:
-    names = {n[len("model."):] if n.startswith("model.") else n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Embedding))}
+    names = {n[len("model."):] if n.startswith("model.") else n for n, _ in model.named_modules()}
     missing = [t.name for t in plan.model.tensors() if t.name not in names]
     if missing:
         raise PlanError(f"plan: tensor {missing[0]!r} is not in the model (the plan was made for another model)")
+
+
+def float_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear computing what `module` computes: itself, or for a quantized (and
+    compensated) module its dequantized weight plus the low-rank correction (A·B)ᵀ. Used for
+    quantized tensors that are streamed or computed on the host: the numbers are those of
+    the quantized model; the bytes moved are those of `dtype`, not of the packed integers."""
+    if isinstance(module, nn.Linear):
+        return module
+    quant = getattr(module, "quant", module)  # CompensatedLinear wraps a QuantLinear
+    weight = quant.weight(dtype)  # [out, in]
+    a, b = getattr(module, "a", None), getattr(module, "b", None)
+    if a is not None and a.shape[1] > 0:
+        weight = weight + (a.to(dtype) @ b.to(dtype)).T.to(weight.device)  # [in, r] @ [r, out] -> [out, in]
+    linear = nn.Linear(quant.in_features, quant.out_features, bias=quant.bias is not None, device="meta",
+                       dtype=dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if quant.bias is not None:
+        linear.bias = nn.Parameter(quant.bias.to(dtype), requires_grad=False)
+    return linear
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _module(model: Transformer, name: str) -> tuple[nn.Module, str]:
@@ -168,6 +194,7 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
     devices = devices or Devices.detect()
     placement = plan.placement
     stats = LinearStats()
+    dtype = next(p.dtype for n, p in model.named_parameters() if "norm" in n)
     engine = PrefetchEngine(devices)
     resident_bytes = 0
     stage_of = {t.name: (t.layer if t.layer is not None else plan.model.layers) for t in plan.model.tensors()}
@@ -187,9 +214,9 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
             continue
         if device == "gpu":
             module.to(devices.accelerator)
-            resident_bytes += sum(p.numel() * p.element_size() for p in module.parameters())
+            resident_bytes += _module_bytes(module)
             continue
-        placed = PlacedLinear(module, t.name, device, placement.streams_for_prefill(t.name), devices, engine, stats)
+        placed = PlacedLinear(float_linear(module, dtype), t.name, device, placement.streams_for_prefill(t.name), devices, engine, stats)
         if device == "stream" or placed.prefill_streamed:
             phases = PHASES if device == "stream" else ("prefill",)
             engine.register(t.name, stage_of[t.name], placed.host_weight, phases)
@@ -207,7 +234,6 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
 
     # ---- KV caches ---------------------------------------------------------------------------
     max_tokens = max_tokens or plan.workload.context
-    dtype = next(p.dtype for n, p in model.named_parameters() if "norm" in n)
     caches: list[nn.Module] = []
     for layer, c in zip(model.model.layers, placement.kv_host_fraction):
         attn = layer.self_attn

@@ -124,9 +124,9 @@ def check_runnable(plan: Plan, devices: Devices) -> None:
     if plan.draft is not None and plan.draft.spec.vocab != plan.model.vocab:
         raise PlanError(f"draft {plan.draft.name!r}: vocabulary {plan.draft.spec.vocab} differs from the target's "
                         f"{plan.model.vocab}")
-    if plan.model.quantization is not None:
-        raise PlanError("the executor runs quantized plans only with compensation (offplan run --compensate); "
-                        "plan the float model to run it plainly")
+    if plan.model.quantization is not None and plan.model.quantization.bits not in (4, 8):
+        raise PlanError(f"quantization.bits: the executor runs 4- and 8-bit weights, the plan has "
+                        f"{plan.model.quantization.bits}")
 
 
 def build_model(plan: Plan, options: RunOptions, progress: Progress) -> Transformer:
@@ -159,7 +159,14 @@ def run_plan(plan: Plan, options: RunOptions, progress: Progress = lambda _: Non
         torch.set_num_threads(options.threads)
     model = build_model(plan, options, progress)
     extra = plan.draft.gamma + 1 if plan.draft else 0
+    compensation = None
+    if plan.model.quantization is not None:
+        from .compensate_model import compensate_model
+        progress("quantizing weights and building compensation branches")
+        compensation = compensate_model(model, plan)
     handle = apply_plan(model, plan, devices, max_tokens=workload.context + extra)
+    if compensation is not None:
+        handle.on_close.append(compensation.close)
     try:
         if plan.draft is None:
             return RunReport(plan, workload, predicted, _measure(handle, workload, options, progress),

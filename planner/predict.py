@@ -12,6 +12,7 @@ from functools import cached_property
 from .cost import (KVOption, PathCost, Scenario, TensorOption, acc_workspace_bytes, draft_prefill_s,
                    draft_step_s, draft_vram_bytes, head_fixed, host_staging_bytes, kv_options, layer_fixed,
                    tensor_options)
+from .errors import PlanError
 from .placement import Placement, check_placement
 from .spec import TensorSpec
 
@@ -164,7 +165,8 @@ def find_option(options: list[TensorOption], device: str, streamed: bool, rank: 
     for o in options:
         if o.device == device and o.prefill_streamed == streamed and o.rank == rank:
             return o
-    raise ValueError(f"{name}: no option for device={device} prefill_streamed={streamed} rank={rank}")
+    raise PlanError(f"placement.{name}: no option for device={device} prefill_streamed={streamed} rank={rank} "
+                    "(a rank the plan does not offer, or a device this tensor cannot use)")
 
 
 def find_kv_option(options: list[KVOption], host_fraction: float) -> KVOption:

@@ -36,7 +36,8 @@ def small_spec(**overrides) -> ModelSpec:
 
 
 def plan_for(spec: ModelSpec, placement: Placement, workload: Workload = Workload(1, 24, 12)):
-    return make_plan(Scenario(spec, PROFILE, workload), placement, "test")
+    ranks = tuple(sorted({0, *placement.ranks.values()}))
+    return make_plan(Scenario(spec, PROFILE, workload, rank_choices=ranks), placement, "test")
 
 
 def mixed_placements(spec: ModelSpec) -> dict[str, Placement]:
@@ -199,3 +200,30 @@ def test_measured_trace_respects_dependencies(tmp_path):
             assert later[0].start_s >= e.end_s - 1e-9
     for e in by_resource["cpu"]:  # a cpu matmul runs inside its layer's interval
         assert any(c.stage == e.stage and c.start_s <= e.start_s and e.end_s <= c.end_s + 1e-9 for c in compute)
+
+
+def test_quantized_compensated_plan_runs_like_the_compensated_model_without_offload():
+    from planner.spec import Quantization
+    from executor.compensate_model import compensate_model
+    spec = small_spec(quantization=Quantization(bits=4, group_size=32))
+    names = [t.name for t in spec.tensors()]
+    cycle = ("gpu", "stream", "cpu")
+    devices = {n: ("cpu" if n == "embed_tokens" else cycle[i % 3]) for i, n in enumerate(names)}
+    ranks = {n: 8 for n, d in devices.items() if d in ("gpu", "stream") and ("proj" in n)}
+    placement = Placement(devices, tuple((0.0, 0.5, 1.0)[i % 3] for i in range(spec.layers)), (), ranks)
+    plan = plan_for(spec, placement, Workload(1, 16, 10))
+    report = run_plan(plan, RunOptions(synthetic=True, warmup_steps=1), devices=CPU)
+
+    reference = synthetic_model(spec, seed=0)
+    with compensate_model(reference, plan):
+        reference.setup_caches(1, 32, device="cpu")
+        prompt = torch.randint(0, spec.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+        token = reference(prompt)[:, -1].argmax(-1, keepdim=True)
+        tokens = [int(token)]
+        for _ in range(9):
+            token = reference(token)[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+    assert report.measured.tokens[0] == tuple(tokens)
+    uncompensated = run_plan(plan_for(spec, Placement(devices, placement.kv_host_fraction), Workload(1, 16, 10)),
+                             RunOptions(synthetic=True, warmup_steps=1), devices=CPU)
+    assert uncompensated.measured.accelerator_peak_bytes < sum(t.rows * t.cols * 4 for t in spec.tensors())
