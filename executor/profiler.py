@@ -280,7 +280,7 @@ def _nvml_handle(pynvml: object, uuid: str, index: int) -> object:
         try:
             return pynvml.nvmlDeviceGetHandleByUUID("GPU-" + "-".join(m.groups()))
         except pynvml.NVMLError:
-            pass
+            pass  # drivers that cannot look up by UUID: fall back to the index below
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 

@@ -20,7 +20,7 @@ from planner.plan import Plan, PredictedSummary, summarize
 from planner.predict import evaluate
 from planner.spec import Workload
 
-from .model import Transformer, torch_dtype
+from .model import Transformer
 from .offload import OffloadHandle, apply_plan
 from .streams import Devices
 from .weights import check_checkpoint, load_checkpoint, synthetic_model
@@ -378,6 +378,3 @@ class _StageTimer:
             rows.append(StageMeasure(stage.name, self.totals.get(i, 0.0) / steps, stage.decode_s, 0.0, attn))
         return tuple(rows)
 
-
-def default_dtype(plan: Plan) -> torch.dtype:
-    return torch_dtype(plan.model.dtype)

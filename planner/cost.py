@@ -274,8 +274,32 @@ def mean_host_tokens(host_tokens: float, start: float, end: float) -> float:
     return (below + host_tokens * (end - host_tokens)) / (end - start)
 
 
-def attention_decode(scn: Scenario, host_fraction: float) -> PathCost:
-    """One layer's attention for one decode step with `host_fraction` of the cache on the host."""
+def matmul_rows(scn: Scenario, t: TensorSpec, phase: str) -> int:
+    """Rows through `t`: prefill runs lm_head on the last position of each sequence only."""
+    if phase != "prefill":
+        return scn.decode_rows
+    return scn.workload.batch if t.group == "head" else scn.prefill_rows
+
+
+def activation_transfer_s(scn: Scenario, t: TensorSpec, rows: int) -> tuple[float, float]:
+    """(d2h of the input [rows, cols], h2d of the output [rows, rows_out]) around host work on `t`."""
+    return (d2h_s(scn.profile, rows * t.cols * scn.act_bytes), h2d_s(scn.profile, rows * t.rows * scn.act_bytes))
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """One layer's decode attention, piece by piece (cost.attention_decode sums these)."""
+
+    device_s: float  # accelerator, over device-resident keys
+    q_down_s: float  # d2h of q
+    host_s: float  # host attention over host-resident keys
+    out_up_s: float  # h2d of O_c and L_c
+    merge_s: float  # log-sum-exp merge on the accelerator
+
+
+def attention_decode_parts(scn: Scenario, host_fraction: float) -> AttentionParts:
+    """One layer's decode attention with `host_fraction` of the cache on the host, piece by
+    piece (the simulator schedules the pieces; attention_decode combines them)."""
     spec, wl = scn.spec, scn.workload
     start, end = float(wl.prompt), float(wl.prompt + wl.gen)
     host_tokens = mean_host_tokens(host_fraction * wl.context, start, end)
@@ -283,21 +307,28 @@ def attention_decode(scn: Scenario, host_fraction: float) -> PathCost:
     rows = scn.decode_rows
     flops_per_key = 4.0 * spec.heads * spec.head_dim * rows
     kv_per_key = wl.batch * spec.kv_bytes_per_token_layer
-    acc_side = ZERO
+    device_s = 0.0
     if device_tokens > 0 or host_tokens == 0:
-        acc_side = PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, flops_per_key * device_tokens,
-                                           kv_per_key * device_tokens))
+        device_s = acc_op_s(scn.profile, scn.compute_dtype, flops_per_key * device_tokens, kv_per_key * device_tokens)
     if host_fraction == 0:
-        return acc_side
+        return AttentionParts(device_s, 0.0, 0.0, 0.0, 0.0)
     q_bytes = rows * spec.heads * spec.head_dim * scn.act_bytes
     out_bytes = rows * spec.heads * (spec.head_dim + 1) * 4  # O_c and L_c in fp32
-    cpu_side = PathCost(
-        cpu_s=host_attention_s(scn.profile, spec.dtype, flops_per_key * host_tokens, kv_per_key * host_tokens),
-        xfer_s=d2h_s(scn.profile, q_bytes) + h2d_s(scn.profile, out_bytes))
-    if device_tokens <= 0:
+    host_s = host_attention_s(scn.profile, spec.dtype, flops_per_key * host_tokens, kv_per_key * host_tokens)
+    merge_s = scn.profile.accelerator.op_overhead_s * 2 if device_tokens > 0 else 0.0
+    return AttentionParts(device_s, d2h_s(scn.profile, q_bytes), host_s, h2d_s(scn.profile, out_bytes), merge_s)
+
+
+def attention_decode(scn: Scenario, host_fraction: float) -> PathCost:
+    """One layer's attention for one decode step: the device part in parallel with the host
+    part and its transfers, then the merge."""
+    parts = attention_decode_parts(scn, host_fraction)
+    if host_fraction == 0:
+        return PathCost(acc_s=parts.device_s)
+    cpu_side = PathCost(cpu_s=parts.host_s, xfer_s=parts.q_down_s + parts.out_up_s)
+    if parts.merge_s == 0.0:  # everything on the host
         return cpu_side
-    merge = PathCost(acc_s=scn.profile.accelerator.op_overhead_s * 2)
-    return parallel(acc_side, cpu_side) + merge
+    return parallel(PathCost(acc_s=parts.device_s), cpu_side) + PathCost(acc_s=parts.merge_s)
 
 
 def attention_prefill(scn: Scenario, host_fraction: float) -> PathCost:
@@ -348,7 +379,7 @@ def head_fixed(scn: Scenario, rows: int) -> PathCost:
 def acc_workspace_bytes(scn: Scenario) -> int:
     """Activations of the largest forward pass (prefill of the whole prompt) plus fp32 logits
     for the last positions. Attention scores are not materialised (fused attention)."""
-    spec, wl = scn.spec, scn.workload
+    spec = scn.spec
     per_row = 2 * spec.hidden + (spec.heads + 2 * spec.kv_heads) * spec.head_dim + 2 * spec.intermediate
     return scn.prefill_rows * per_row * scn.act_bytes + scn.decode_rows * spec.vocab * 4
 

@@ -25,8 +25,8 @@ import heapq
 from dataclasses import dataclass
 from functools import partial
 
-from .cost import (PathCost, Scenario, acc_op_s, compensation_branch, d2h_s, h2d_s, host_attention_s,
-                   mean_host_tokens)
+from .cost import (PathCost, Scenario, activation_transfer_s, attention_decode_parts, compensation_branch, h2d_s,
+                   matmul_rows)
 from .errors import OffplanError
 from .hardware import HardwareProfile
 from .placement import Placement, check_placement
@@ -92,49 +92,6 @@ class SimResult:
 
 
 # ---- cost pieces cost.py only exposes merged (they belong there) ---------------------------
-
-def matmul_rows(scn: Scenario, t: TensorSpec, phase: str) -> int:
-    """Rows through `t`: prefill runs lm_head on the last position of each sequence only."""
-    if phase != "prefill":
-        return scn.decode_rows
-    return scn.workload.batch if t.group == "head" else scn.prefill_rows
-
-
-def activation_transfer_s(scn: Scenario, t: TensorSpec, rows: int) -> tuple[float, float]:
-    """(d2h of the input [rows, cols], h2d of the output [rows, rows_out]) around host work on `t`."""
-    return (d2h_s(scn.profile, rows * t.cols * scn.act_bytes), h2d_s(scn.profile, rows * t.rows * scn.act_bytes))
-
-
-@dataclass(frozen=True)
-class AttentionParts:
-    """One layer's decode attention, piece by piece (cost.attention_decode sums these)."""
-
-    device_s: float  # accelerator, over device-resident keys
-    q_down_s: float  # d2h of q
-    host_s: float  # host attention over host-resident keys
-    out_up_s: float  # h2d of O_c and L_c
-    merge_s: float  # log-sum-exp merge on the accelerator
-
-
-def attention_decode_parts(scn: Scenario, host_fraction: float) -> AttentionParts:
-    spec, wl = scn.spec, scn.workload
-    start, end = float(wl.prompt), float(wl.prompt + wl.gen)
-    host_tokens = mean_host_tokens(host_fraction * wl.context, start, end)
-    device_tokens = (start + end) / 2.0 - host_tokens
-    rows = scn.decode_rows
-    flops_per_key = 4.0 * spec.heads * spec.head_dim * rows
-    kv_per_key = wl.batch * spec.kv_bytes_per_token_layer
-    device_s = 0.0
-    if device_tokens > 0 or host_tokens == 0:
-        device_s = acc_op_s(scn.profile, scn.compute_dtype, flops_per_key * device_tokens, kv_per_key * device_tokens)
-    if host_fraction == 0:
-        return AttentionParts(device_s, 0.0, 0.0, 0.0, 0.0)
-    q_bytes = rows * spec.heads * spec.head_dim * scn.act_bytes
-    out_bytes = rows * spec.heads * (spec.head_dim + 1) * 4  # O_c and L_c in fp32
-    host_s = host_attention_s(scn.profile, spec.dtype, flops_per_key * host_tokens, kv_per_key * host_tokens)
-    merge_s = scn.profile.accelerator.op_overhead_s * 2 if device_tokens > 0 else 0.0
-    return AttentionParts(device_s, d2h_s(scn.profile, q_bytes), host_s, h2d_s(scn.profile, out_bytes), merge_s)
-
 
 # ---- op templates ------------------------------------------------------------------------------
 

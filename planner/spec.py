@@ -7,7 +7,7 @@ Tensor names follow Hugging Face module paths without the `model.` prefix and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
 
