@@ -272,6 +272,11 @@ class Compute:
         """The dtype model weights are kept in (bf16) when measured, else the first measured."""
         return "bf16" if "bf16" in self.gemv_gbps else next(iter(self.gemv_gbps))
 
+    def gemv_curves(self) -> dict[str, tuple[tuple[float, float], ...]]:
+        """Weight GB/s by dtype as (rows, GB/s) curves, for the cost model's matmul roofline."""
+        return {dt: tuple((float(b), fig.value) for b, fig in sorted(by_batch.items()))
+                for dt, by_batch in self.gemv_gbps.items()}
+
     def gemv_efficiency(self) -> Figure:
         """Batch-1 GEMV bytes/s over copy bandwidth, clamped to (0, 1]: a GEMV only reads,
         so on some machines it beats a copy's read + write rate."""

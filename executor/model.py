@@ -254,8 +254,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(tokens))  # [batch, t, vocab]
+    def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """logits [batch, t, vocab]; with `last_only` just the last position's, [batch, 1, vocab]
+        (a prefill that only needs the next token skips the vocabulary projection of the rest)."""
+        hidden = self.model(tokens)  # [batch, t, hidden]
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
     # ---- KV caches ------------------------------------------------------------------------------
     @property

@@ -309,7 +309,7 @@ def _loopback_profile(host: HostFacts, f: _Figures) -> HardwareProfile:
         name=f"loopback (CPU: {host.cpu_model})", memory_bytes=device_bytes,
         mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
         gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
-        op_overhead_s=f.cpu.op_overhead_s.value, loopback=True)
+        op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(), loopback=True)
     host_bytes = host.ram_available_bytes - device_bytes
     notes = [f"host {host.hostname}, torch {torch.__version__}, {f.threads} threads",
              "loopback: no CUDA device, the CPU plays the accelerator; accelerator memory is a "
@@ -328,7 +328,7 @@ def _cuda_profile(host: HostFacts, gpu: GpuFacts, dev: Compute, f: _Figures) -> 
     accelerator = Accelerator(
         name=gpu.name, memory_bytes=gpu.total_bytes, mem_bw_gbps=dev.mem_bw_gbps.value,
         flops_tflops=dev.flops_values(), gemv_efficiency=dev.gemv_efficiency().value,
-        matmul_efficiency=1.0, op_overhead_s=dev.op_overhead_s.value,
+        matmul_efficiency=1.0, op_overhead_s=dev.op_overhead_s.value, gemv_gbps=dev.gemv_curves(),
         used_by_others_bytes=gpu.used_by_others_bytes, pcie_generation=gpu.pcie_generation,
         pcie_width=gpu.pcie_width)
     fragmentation = max(MIN_FRAGMENTATION_BYTES, int(FRAGMENTATION_FRACTION * gpu.total_bytes))
@@ -349,7 +349,8 @@ def _host_part(host: HostFacts, f: _Figures, memory_bytes: int, available_bytes:
     return Host(name=host.cpu_model, cores=host.cores, memory_bytes=memory_bytes,
                 mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
                 gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
-                op_overhead_s=f.cpu.op_overhead_s.value, attention_gbps=f.attention.value,
+                op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(),
+                attention_gbps=f.attention.value,
                 available_bytes=available_bytes, threads=f.threads)
 
 

@@ -308,7 +308,7 @@ def _generate(handle: OffloadHandle, prompt: torch.Tensor, gen: int, timer: "_St
     _sync(devices)
     start = time.perf_counter()
     handle.begin("prefill")
-    logits = model(prompt)  # [batch, prompt, vocab]
+    logits = model(prompt, last_only=True)  # [batch, 1, vocab]: as planned, lm_head on the last position
     token = logits[:, -1].argmax(-1, keepdim=True)  # [batch, 1]
     _sync(devices)
     ttft_s = time.perf_counter() - start

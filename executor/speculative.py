@@ -111,8 +111,7 @@ def _last_argmax(logits: torch.Tensor) -> torch.Tensor:
 def _prefill_next(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """Run the prompt tokens [batch, p] into the cache; the greedy next token [batch, 1]. The
     lm_head runs on the last position only (as the cost model assumes)."""
-    hidden = model.model(tokens)  # [batch, p, hidden]
-    return _last_argmax(model.lm_head(hidden[:, -1:]))
+    return _last_argmax(model(tokens, last_only=True))  # [batch, 1, vocab] -> [batch, 1]
 
 
 def _check_args(prompt: torch.Tensor, gen: int, gamma: int | None = None) -> tuple[int, int]:

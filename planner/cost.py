@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from .hardware import HardwareProfile, curve_gbps, flops_for
+from .hardware import HardwareProfile, curve_gbps, flops_for, weight_read_gbps
 from .spec import ModelSpec, TensorSpec, Workload
 
 # Host fraction levels offered to the ILP for each layer's KV cache (oldest tokens first).
@@ -33,16 +33,19 @@ def roofline_s(flops: float, n_bytes: float, flops_per_s: float, bytes_per_s: fl
     return overhead_s + max(flops / flops_per_s, n_bytes / bytes_per_s)
 
 
-def acc_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float) -> float:
+def acc_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0) -> float:
+    """An operator on the accelerator; `rows` (of a matmul) selects the measured GEMV speed."""
     a = profile.accelerator
+    bw_gbps = weight_read_gbps(a.gemv_gbps, dtype, rows, a.mem_bw_gbps, a.gemv_efficiency)
     return roofline_s(flops, n_bytes, flops_for(a.flops_tflops, dtype) * a.matmul_efficiency,
-                      a.mem_bw_gbps * 1e9 * a.gemv_efficiency, a.op_overhead_s)
+                      bw_gbps * 1e9, a.op_overhead_s)
 
 
-def host_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float) -> float:
+def host_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0) -> float:
     h = profile.host
+    bw_gbps = weight_read_gbps(h.gemv_gbps, dtype, rows, h.mem_bw_gbps, h.gemv_efficiency)
     return roofline_s(flops, n_bytes, flops_for(h.flops_tflops, dtype) * h.matmul_efficiency,
-                      h.mem_bw_gbps * 1e9 * h.gemv_efficiency, h.op_overhead_s)
+                      bw_gbps * 1e9, h.op_overhead_s)
 
 
 def host_attention_s(profile: HardwareProfile, dtype: str, flops: float, kv_bytes: float) -> float:
@@ -149,6 +152,11 @@ class Scenario:
         return "bf16" if self.spec.quantization else self.spec.dtype
 
     @property
+    def weight_dtype(self) -> str:
+        """The dtype a matmul's weights are read in (quantized weights are dequantized to bf16)."""
+        return self.compute_dtype
+
+    @property
     def act_bytes(self) -> int:
         return self.spec.weight_elt_bytes
 
@@ -190,12 +198,12 @@ class KVOption:
 
 def _matmul_on_acc(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
-    return PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, rows * t.flops_per_token, n_bytes))
+    return PathCost(acc_s=acc_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows))
 
 
 def _matmul_on_host(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
-    cpu = host_op_s(scn.profile, scn.spec.dtype, rows * t.flops_per_token, n_bytes)
+    cpu = host_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows)
     xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
     return PathCost(cpu_s=cpu, xfer_s=xfer)
 

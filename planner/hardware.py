@@ -28,6 +28,7 @@ class Accelerator:
     gemv_efficiency: float = 0.8  # fraction of mem_bw a decode GEMV reaches
     matmul_efficiency: float = 0.7  # fraction of peak flops a prefill GEMM reaches
     op_overhead_s: float = 5e-6  # fixed cost per kernel (launch + tail), counted per matmul and per layer
+    gemv_gbps: dict[str, Curve] = field(default_factory=dict)  # measured weight GB/s by dtype, by rows
     used_by_others_bytes: int = 0  # memory held by other processes when profiled
     pcie_generation: int = 0  # 0 = unknown / not PCIe
     pcie_width: int = 0
@@ -55,6 +56,7 @@ class Host:
     gemv_efficiency: float = 0.6
     matmul_efficiency: float = 0.6
     op_overhead_s: float = 2e-6  # fixed cost per operator call on the host
+    gemv_gbps: dict[str, Curve] = field(default_factory=dict)  # measured weight GB/s by dtype, by rows
     attention_gbps: float = 0.0  # KV bytes/s scanned by CPU attention; 0 = mem_bw * gemv_efficiency
     available_bytes: int = 0  # free RAM when profiled; 0 = unknown
     threads: int = 0  # threads the executor uses; 0 = cores
@@ -139,6 +141,17 @@ def curve_gbps(curve: Curve, size_bytes: float, flat_gbps: float) -> float:
             w = (math.log(size_bytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
             return g0 + w * (g1 - g0)
     return points[-1][1]
+
+
+def weight_read_gbps(gemv_gbps: dict[str, Curve], dtype: str, rows: float, mem_bw_gbps: float,
+                     gemv_efficiency: float) -> float:
+    """GB/s at which a matmul of `rows` input rows streams its `dtype` weights: the measured
+    curve when the profile has one for that dtype (matrix-vector kernels get slower per byte
+    as rows grow on CPUs), else the datasheet bandwidth times the GEMV efficiency."""
+    curve = gemv_gbps.get(dtype)
+    if curve:
+        return curve_gbps(curve, max(rows, 1.0), mem_bw_gbps * gemv_efficiency)
+    return mem_bw_gbps * gemv_efficiency
 
 
 def flops_for(flops_tflops: dict[str, float], dtype: str) -> float:

@@ -280,3 +280,24 @@ def test_expert_weights_are_touched_by_the_routed_share(rtx4090):
     expert = moe.by_name["layers.0.mlp.experts.3.up_proj"]
     assert expert.route_prob == pytest.approx(0.25)
     assert expert.flops_per_token == pytest.approx(2.0 * 1024 * 4096 * 0.25)
+
+
+def test_measured_gemv_curve_sets_weight_bandwidth_by_dtype_and_rows():
+    from dataclasses import replace as dc_replace
+    from planner.cost import acc_op_s, host_op_s
+    from planner.hardware import weight_read_gbps
+    curve = {"fp32": ((1.0, 20.0), (16.0, 5.0))}
+    assert weight_read_gbps(curve, "fp32", 1, 100.0, 0.5) == 20.0
+    assert weight_read_gbps(curve, "fp32", 4, 100.0, 0.5) == pytest.approx(12.5)  # halfway in log(rows)
+    assert weight_read_gbps(curve, "fp32", 64, 100.0, 0.5) == 5.0  # clamped past the last point
+    assert weight_read_gbps(curve, "bf16", 4, 100.0, 0.5) == 50.0  # no curve: bandwidth x efficiency
+    import planner.hardware as hw
+    profile = hw.load_profile("rtx4090")
+    n_bytes = 1e9
+    plain = acc_op_s(profile, "fp32", 0.0, n_bytes, rows=4)
+    curved = acc_op_s(dc_replace(profile, accelerator=dc_replace(profile.accelerator, gemv_gbps=curve)),
+                      "fp32", 0.0, n_bytes, rows=4)
+    assert curved == pytest.approx(profile.accelerator.op_overhead_s + n_bytes / 12.5e9)
+    assert plain < curved
+    assert host_op_s(dc_replace(profile, host=dc_replace(profile.host, gemv_gbps=curve)), "fp32", 0.0, n_bytes,
+                     rows=1) == pytest.approx(profile.host.op_overhead_s + n_bytes / 20e9)
