@@ -300,9 +300,10 @@ def simulate(
     hw: Annotated[Optional[str], typer.Option("--hw", help="Replay the same placement on another profile.")] = None,
     vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
     buffers: Annotated[int, typer.Option("--buffers", help="Prefetch buffer slots.")] = 2,
-    prefetch: Annotated[str, typer.Option("--prefetch", help="next-stage (the ILP's model) or next-streamed "
-                                                            "(the executor's engine).")] = "next-stage",
-    chunk: Annotated[Optional[str], typer.Option("--chunk", help="Copy weights in pieces of this size, e.g. 4MiB.")] = None,
+    prefetch: Annotated[str, typer.Option("--prefetch", help="next-streamed (the executor's engine) or "
+                                                            "next-stage (the ILP's model).")] = "next-streamed",
+    chunk: Annotated[str, typer.Option("--chunk", help="Weight copies in pieces of this size (the executor's "
+                                                       "4MiB; 0 = whole tensors).")] = "4MiB",
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write a Chrome/Perfetto trace of the workload.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -320,7 +321,7 @@ def simulate(
         profile = with_overrides(plan.profile, parse_bytes(vram, "--vram") if vram else None,
                                  parse_bytes(ram, "--ram") if ram else None, host_bw)
     result = simulate_plan(plan, profile, buffers=buffers, prefetch=prefetch,
-                           copy_chunk_bytes=parse_bytes(chunk, "--chunk") if chunk else 0)
+                           copy_chunk_bytes=parse_bytes(chunk, "--chunk") if chunk not in ("0", "") else 0)
     if trace is not None:
         write_trace(trace, whole_workload_events(result, plan), workload_metadata(result, plan))
     if json_out:

@@ -47,9 +47,13 @@ def layer_signature(plan: Plan, layer: int) -> str:
     c = p.kv_host_fraction[layer]
     if c > 0:
         text += f"; KV {c:.0%} host"
-    ranks = sorted({p.rank(t.name) for t in tensors if p.rank(t.name)})
-    if ranks:
-        text += f"; compensation rank {'/'.join(map(str, ranks))}"
+    by_rank: dict[int, list[str]] = {}
+    for t in tensors:
+        if p.rank(t.name):
+            by_rank.setdefault(p.rank(t.name), []).append(t.kind.replace("_proj", ""))
+    if by_rank:
+        text += "; compensation " + ", ".join(f"{','.join(kinds)} rank {rank}"
+                                               for rank, kinds in sorted(by_rank.items()))
     return text
 
 
