@@ -29,7 +29,8 @@ from rich.table import Table
 from planner.compensation_time import compensation_time
 from planner.cost import Scenario
 from planner.hardware import load_profile, with_overrides
-from planner.ilp import SolverOptions, solve_compensated, solve_placement, uncompensated
+from planner.ilp import SolverOptions, solve_placement
+from planner.quality import solve_compensated, uncompensated
 from planner.predict import option_tables
 from planner.ranks import compensation_settings
 from planner.spec import ModelSpec, Quantization, Workload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +13,7 @@ from .baselines import run_baselines
 from .cli_common import (BatchOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt, SolverOpt, TimeLimitOpt,
                          VramOpt, check_out_path, console, load_hardware, load_model, print_json, resolve_workload,
                          run_app)
+from .cli_run import acceptance, profile, run, sensitivity
 from .cost import Scenario
 from .hardware import load_profile, shipped_profile_names
 from .ilp import SolverOptions, solve_placement
@@ -19,7 +21,7 @@ from .plan import make_plan, save_plan
 from .predict import option_tables
 from .render import compare_table, memory_table, model_line, placement_table, plan_json, speed_table
 from .errors import OffplanError
-from .units import fmt_bytes, fmt_seconds
+from .units import fmt_seconds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan and run LLMs on a GPU that is too small for them.")
@@ -53,7 +55,7 @@ def solve(
     model_file = load_model(model)
     profile = load_hardware(hw, vram, ram, host_bw)
     workload = resolve_workload(model_file, prompt, gen, batch)
-    from .ilp import parse_quality, solve_compensated
+    from .quality import parse_quality, solve_compensated
     from .ranks import compensation_settings, load_rank_table
     quality_mode, quality_value = parse_quality(quality)
     if not 0 <= slack <= 1:
@@ -117,181 +119,6 @@ def solve(
         console.print(compare_table(plan, baselines))
     if out is not None:
         console.print(f"plan written to [bold]{out}[/]")
-
-
-@app.command()
-def run(
-    plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Hugging Face safetensors directory.")] = None,
-    synthetic: Annotated[bool, typer.Option("--synthetic", help="Random weights of the planned shape.")] = False,
-    draft_checkpoint: Annotated[Optional[Path], typer.Option("--draft-checkpoint",
-                                                             help="Checkpoint of the plan's draft model.")] = None,
-    prompt: PromptOpt = None, gen: GenOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of synthetic weights and prompts.")] = 0,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
-    profile_layers: Annotated[bool, typer.Option("--profile-layers", help="Time every stage.")] = False,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
-    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the measured timeline as a "
-                                                                  "Chrome/Perfetto trace.")] = None,
-) -> None:
-    """Execute a plan with PyTorch; compare measured with predicted speed."""
-    from .plan import load_plan
-    from .render_run import comparison_table, stage_table
-    from .schema import atomic_write
-    check_out_path(json_file)
-    check_out_path(trace)
-    if checkpoint is not None and synthetic:
-        raise OffplanError("--checkpoint and --synthetic: give one of them")
-    plan = load_plan(plan_file)
-    try:
-        from executor.run import RunOptions, run_plan
-    except ImportError as exc:
-        raise OffplanError(f"offplan run needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
-    options = RunOptions(checkpoint=checkpoint, synthetic=synthetic, seed=seed, prompt=prompt, gen=gen,
-                         threads=threads, profile_layers=profile_layers, draft_checkpoint=draft_checkpoint,
-                         trace=trace is not None)
-    with console.status("running...", spinner="dots") as status:
-        report = run_plan(plan, options, lambda msg: status.update(msg))
-    wl = report.workload
-    console.print(f"[bold]{model_line(plan.model)}[/] on {report.device} "
-                  f"(plan for {plan.profile.name}); batch {wl.batch}, prompt {wl.prompt}, generate {wl.gen}")
-    console.print(comparison_table(report.comparisons(), "Measured vs predicted"))
-    m = report.measured
-    if m.streamed_bytes_per_step:
-        console.print(f"streamed {fmt_bytes(m.streamed_bytes_per_step)} per decode step at {m.link_gbps:.1f} GB/s; "
-                      f"compute waited {fmt_seconds(m.copy_wait_s_per_step)} per step for weights")
-    if m.accelerator_peak_is_accounted:
-        console.print("accelerator memory on the loopback device counts offplan's own tensors "
-                      "(weights, buffers, KV cache)")
-    if m.stages:
-        console.print(stage_table(m.stages))
-    if trace is not None:
-        from .trace import write_trace
-        write_trace(trace, list(m.events), {"source": "measured", "model": plan.model.name, "device": report.device,
-                                            "workload": vars(wl)})
-        console.print(f"measured trace written to [bold]{trace}[/] ({len(m.events)} events): open it in "
-                      "chrome://tracing or https://ui.perfetto.dev")
-    if json_file is not None:
-        atomic_write(json_file, json.dumps(run_report_json(report), indent=2) + "\n")
-        console.print(f"report written to [bold]{json_file}[/]")
-
-
-def run_report_json(report) -> dict:
-    from .schema import to_dict
-    m = report.measured
-    return {
-        "model": report.plan.model.name, "profile": report.plan.profile.name, "device": report.device,
-        "workload": vars(report.workload),
-        "comparisons": [{"metric": n, "predicted": p, "measured": v, "unit": u,
-                         "error_pct": 100.0 * (p - v) / v if v else None} for n, p, v, u in report.comparisons()],
-        "measured": {k: v for k, v in to_dict(m).items() if k not in ("events",)},
-        "predicted": to_dict(report.predicted),
-    }
-
-
-@app.command()
-def profile(
-    quick: Annotated[bool, typer.Option("--quick", help="About 30 s instead of a few minutes.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads the executor will use.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile file (default hwprofiles/<host>-<gpu>.yaml).")] = None,
-) -> None:
-    """Measure this machine (link, accelerator, host) and write a hardware profile."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from .hardware import save_profile
-    from .hwtable import profile_table
-    check_out_path(out)
-    try:
-        from executor.profiler import default_profile_path, profile_machine
-    except ImportError as exc:
-        raise OffplanError(f"offplan profile needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("profiling", total=1.0)
-
-        def progress(step: str, fraction: float) -> None:
-            bar.update(task, description=step, completed=fraction)
-        measured = profile_machine(quick=quick, threads=threads, progress=progress)
-    path = out or default_profile_path(measured)
-    save_profile(measured, path)
-    console.print(profile_table(measured))
-    console.print(f"profile written to [bold]{path}[/]; use it with `offplan solve MODEL --hw {path}`")
-
-
-@app.command()
-def acceptance(
-    target: Annotated[Path, typer.Option("--target", help="Target model checkpoint directory.")],
-    draft: Annotated[Path, typer.Option("--draft", help="Draft model checkpoint directory.")],
-    prompts: Annotated[Path, typer.Option("--prompts", help="One prompt per line: token ids, or JSON "
-                                                            '{"tokens": [...]}.')],
-    gamma: Annotated[int, typer.Option("--gamma", help="Draft length.")] = 4,
-    gen: GenOpt = 64,
-) -> None:
-    """Measure the per-token acceptance rate of a draft for a target on a prompt file."""
-    if gamma < 1 or (gen or 0) < 2:
-        raise OffplanError("--gamma must be at least 1 and --gen at least 2")
-    try:
-        import torch
-        from executor.speculative import load_prompts, measure_acceptance
-        from executor.weights import load_checkpoint
-    except ImportError as exc:
-        raise OffplanError(f"offplan acceptance needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
-    with console.status("loading models...", spinner="dots") as status:
-        target_spec, target_model = load_checkpoint(target)
-        draft_spec, draft_model = load_checkpoint(draft)
-        token_lists = load_prompts(prompts, vocab=target_spec.vocab)
-        status.update(f"speculative decoding of {len(token_lists)} prompts")
-        rate, per_step = measure_acceptance(target_model, draft_model,
-                                            [torch.tensor(t).unsqueeze(0) for t in token_lists], gamma, gen)
-    console.print(f"acceptance of {draft_spec.name} for {target_spec.name}: [bold]{rate:.3f}[/] per token; "
-                  f"{per_step:.2f} tokens per verify step at gamma {gamma} ({len(token_lists)} prompts)")
-    console.print(f"use it with: offplan solve MODEL --acceptance {draft_spec.name}={rate:.3f}")
-
-
-@app.command()
-def sensitivity(
-    source: Annotated[str, typer.Argument(help="Checkpoint directory; with --synthetic a model file or preset.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Write the rank table (ranks.yaml).")],
-    synthetic: Annotated[bool, typer.Option("--synthetic", help="Random weights of the model's shape.")] = False,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Prompt file (token ids per line) "
-                                                                              "for activation-aware tables.")] = None,
-    bits: Annotated[Optional[int], typer.Option("--bits", help="Quantization bits (4 or 8).")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weights per scale group.")] = None,
-    ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks to tabulate.")] = "0,8,16,32,64,128",
-) -> None:
-    """Measure, per weight matrix, the quantization error left at each compensation rank."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from .ranks import save_rank_table
-    check_out_path(out)
-    try:
-        rank_list = sorted({int(r) for r in ranks.split(",") if r.strip()})
-    except ValueError:
-        raise OffplanError(f"--ranks {ranks!r}: write whole numbers separated by commas, e.g. 0,8,16,32") from None
-    if not rank_list or rank_list[0] < 0:
-        raise OffplanError(f"--ranks {ranks!r}: need at least one rank, none negative")
-    try:
-        import torch
-        from executor.sensitivity import random_prompts, sensitivity as measure, synthetic_sensitivity
-        from executor.speculative import load_prompts
-        from executor.weights import load_checkpoint
-    except ImportError as exc:
-        raise OffplanError(f"offplan sensitivity needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
-        task = bar.add_task("quantizing and factorising", total=None)
-
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
-        if synthetic:
-            spec = load_model(source).spec
-            q = spec.quantization
-            table = synthetic_sensitivity(spec, rank_list, bits or (q.bits if q else 4),
-                                          group_size or (q.group_size if q else 128), progress=progress)
-        else:
-            spec, model = load_checkpoint(source, dtype="fp32")
-            prompts = ([torch.tensor(t).unsqueeze(0) for t in load_prompts(calibration, vocab=spec.vocab)]
-                       if calibration else random_prompts(spec.vocab))
-            table = measure(model, spec, bits or 4, group_size or 128, rank_list, prompts, progress=progress)
-    save_rank_table(table, out)
-    console.print(f"rank table of {len(table.tensors)} matrices ({table.method}) written to [bold]{out}[/]; use it "
-                  f"with `offplan solve MODEL --quality max --rank-table {out}`")
 
 
 @app.command()
@@ -371,6 +198,45 @@ def compare_hardware(
     console.print(hardware_table(rows))
     for name, profile, _, _ in rows:
         console.print(f"  {name}: {profile.name}", highlight=False)
+
+
+app.command()(run)
+app.command()(profile)
+app.command()(acceptance)
+app.command()(sensitivity)
+
+
+@app.command()
+def export(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
+    to: Annotated[str, typer.Option("--to", help="llamacpp (flags), hf (device_map JSON) or json (the plan).")] = "llamacpp",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+) -> None:
+    """Translate a plan for other runtimes (what they cannot express is said on stderr)."""
+    import shlex
+    from .cli_common import err_console
+    from .export import hf_device_map, llamacpp_args, plan_json
+    from .plan import load_plan
+    from .schema import atomic_write
+    check_out_path(out)
+    plan = load_plan(plan_file)
+    if to == "llamacpp":
+        args, notes = llamacpp_args(plan)
+        text = " ".join(shlex.quote(a) for a in args) + "\n"
+    elif to == "hf":
+        device_map, notes = hf_device_map(plan)
+        text = json.dumps(device_map, indent=1) + "\n"
+    elif to == "json":
+        text, notes = plan_json(plan) + "\n", []
+    else:
+        raise OffplanError(f"--to {to!r}: choose llamacpp, hf or json")
+    for note in notes:
+        err_console.print(f"note: {note}", highlight=False)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write(out, text)
+        console.print(f"written to [bold]{out}[/]")
 
 
 @hw_app.command("list")

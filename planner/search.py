@@ -36,7 +36,8 @@ import pulp
 from .cost import Scenario, expected_tokens_per_step
 from .errors import InfeasiblePlanError, OffplanError
 from .hardware import HardwareProfile
-from .ilp import MS, Solution, SolverOptions, build_problem, check_lower_bounds, pick_solver, solve_compensated
+from .ilp import MS, Solution, SolverOptions, build_problem, check_lower_bounds, pick_solver
+from .quality import solve_compensated
 from .modelfile import DraftCandidate
 from .plan import Plan, make_plan
 from .predict import OptionTables, option_tables

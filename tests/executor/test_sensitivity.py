@@ -19,7 +19,8 @@ from executor.weights import synthetic_model
 from planner.cost import Scenario
 from planner.errors import PlanError, SpecError
 from planner.hardware import load_profile
-from planner.ilp import SolverOptions, solve_compensated
+from planner.ilp import SolverOptions
+from planner.quality import solve_compensated
 from planner.modelfile import Compensation
 from planner.plan import make_plan
 from planner.ranks import check_table, compensation_settings, load_rank_table, quantized_tensors, save_rank_table

@@ -43,3 +43,30 @@ def test_compare_solves_each_profile():
     assert [r["profile"] for r in rows][0].startswith("NVIDIA GeForce RTX 3060")
     assert all(r["fits"] for r in rows)
     assert rows[1]["decode_tokens_per_s"] > rows[0]["decode_tokens_per_s"]
+
+
+def test_export_llamacpp_flags_name_exactly_the_tensors_the_plan_keeps_off_the_gpu(tmp_path):
+    import re
+    import shlex
+    plan_path = tmp_path / "plan.yaml"
+    assert offplan("solve", str(EXAMPLES / "llama-3.1-8b.yaml"), "--hw", "rtx3060", "--out", str(plan_path)).returncode == 0
+    plan = load_plan(plan_path)
+    result = offplan("export", str(plan_path))
+    assert result.returncode == 0, result.stderr
+    args = shlex.split(result.stdout)
+    assert args[:2] == ["-ngl", "999"]
+    kinds = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+             "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+    named = set()
+    for pattern in args[3::2]:
+        m = re.fullmatch(r"blk\\\.\(([0-9|]+)\)\\\.(\w+)\\\.weight=CPU", pattern)
+        if m:
+            for layer in m.group(1).split("|"):
+                group = "self_attn" if kinds[m.group(2)] in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                named.add(f"layers.{layer}.{group}.{kinds[m.group(2)]}")
+    off_gpu = {t.name for t in plan.model.tensors() if t.layer is not None and plan.placement.device(t.name) != "gpu"}
+    assert named == off_gpu and off_gpu
+    hf = json.loads(offplan("export", str(plan_path), "--to", "hf").stdout)
+    assert hf["model.layers.0.mlp.down_proj"] == (0 if plan.placement.device("layers.0.mlp.down_proj") == "gpu" else "cpu")
+    bad = offplan("export", str(plan_path), "--to", "xml")
+    assert bad.returncode == 2 and "--to" in bad.stderr

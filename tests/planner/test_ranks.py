@@ -17,7 +17,8 @@ from planner import cost
 from planner.compensation_time import compensation_time
 from planner.cost import Scenario
 from planner.errors import InfeasiblePlanError, OffplanError, SpecError
-from planner.ilp import SolverOptions, parse_quality, solve_compensated, solve_placement, uncompensated
+from planner.ilp import SolverOptions, solve_placement
+from planner.quality import parse_quality, solve_compensated, uncompensated
 from planner.modelfile import Compensation
 from planner.predict import chosen_options, option_tables, predict
 from planner.ranks import (RankTable, check_table, compensation_settings, default_table, interpolate_remaining,
