@@ -196,7 +196,7 @@ class KVOption:
     host_bytes: int
 
 
-def _matmul_on_acc(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
+def matmul_on_acc(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
     return PathCost(acc_s=acc_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows))
 
@@ -241,7 +241,7 @@ def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
                              h2d_s(scn.profile, pf_rows * row_bytes) if d == "cpu" else 0.0,
                              W if d == "gpu" else 0, 0, W if d == "cpu" else 0, 0, 0.0)
                 for d in ("gpu", "cpu")]
-    acc_dec, acc_pf = _matmul_on_acc(scn, t, dec_rows), _matmul_on_acc(scn, t, pf_rows)
+    acc_dec, acc_pf = matmul_on_acc(scn, t, dec_rows), matmul_on_acc(scn, t, pf_rows)
     link_s = h2d_s(scn.profile, W)
     ranks = scn.rank_choices if (scn.spec.quantization and t.group in ("attn", "mlp")) else (0,)
     options = []
@@ -380,58 +380,3 @@ def head_fixed(scn: Scenario, rows: int) -> PathCost:
     a = scn.profile.accelerator
     n_bytes = rows * (scn.spec.hidden + scn.spec.vocab) * 4
     return PathCost(acc_s=3 * a.op_overhead_s + n_bytes / (a.mem_bw_gbps * 1e9))
-
-
-# ---- memory and draft terms (constants for the ILP) -----------------------------------------
-
-def acc_workspace_bytes(scn: Scenario) -> int:
-    """Activations of the largest forward pass (prefill of the whole prompt) plus fp32 logits
-    for the last positions. Attention scores are not materialised (fused attention)."""
-    spec = scn.spec
-    per_row = 2 * spec.hidden + (spec.heads + 2 * spec.kv_heads) * spec.head_dim + 2 * spec.intermediate
-    return scn.prefill_rows * per_row * scn.act_bytes + scn.decode_rows * spec.vocab * 4
-
-
-def host_staging_bytes(scn: Scenario) -> int:
-    """Pinned buffers for activations crossing the link (one layer's widest in/out, prefill)."""
-    spec = scn.spec
-    return scn.prefill_rows * (spec.hidden + spec.intermediate) * scn.act_bytes
-
-
-def _resident_scenario(scn: Scenario) -> Scenario:
-    assert scn.draft is not None
-    return Scenario(scn.draft, scn.profile, scn.workload)
-
-
-def draft_vram_bytes(scn: Scenario) -> int:
-    """Draft weights and its KV cache at full context (the draft stays resident)."""
-    if scn.draft is None:
-        return 0
-    d = scn.draft
-    kv = scn.workload.batch * (scn.workload.context + scn.gamma + 1) * d.kv_bytes_per_token
-    return d.weight_bytes + kv
-
-
-def draft_step_s(scn: Scenario) -> float:
-    """The `gamma` draft forwards of one speculative step, all on the accelerator."""
-    if scn.draft is None or scn.gamma == 0:
-        return 0.0
-    dscn = _resident_scenario(scn)
-    rows = scn.workload.batch
-    one = head_fixed(dscn, rows).total_s + scn.draft.layers * (layer_fixed(dscn, rows).total_s
-                                                             + attention_decode(dscn, 0.0).total_s)
-    one += sum(_matmul_on_acc(dscn, t, rows).total_s for t in scn.draft.tensors() if t.group != "embed")
-    return scn.gamma * one
-
-
-def draft_prefill_s(scn: Scenario) -> float:
-    """The draft's own prefill of the prompt (it needs its KV cache too)."""
-    if scn.draft is None or scn.gamma == 0:
-        return 0.0
-    dscn = _resident_scenario(scn)
-    rows = dscn.prefill_rows
-    total = head_fixed(dscn, scn.workload.batch).total_s
-    total += scn.draft.layers * (layer_fixed(dscn, rows).total_s + attention_prefill(dscn, 0.0).total_s)
-    total += sum(_matmul_on_acc(dscn, t, scn.workload.batch if t.group == "head" else rows).total_s
-                 for t in scn.draft.tensors() if t.group != "embed")
-    return total

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import pulp
 
-from .cost import Scenario, host_staging_bytes
+from .cost import Scenario
+from .cost_terms import host_staging_bytes
 from .errors import InfeasiblePlanError, OffplanError, SpecError
 from .placement import Placement
 from .predict import OptionTables, Prediction, chosen_options, memory_use, option_tables, predict
@@ -38,7 +39,7 @@ class SolverOptions:
     solver: str = "auto"  # auto | highs | cbc
     threads: int = 0  # 0 = solver default
     quality: float | None = None  # minimum mean recovered error fraction (compensation)
-    max_groups: int = 16  # layers share configurations in at most this many contiguous groups
+    max_groups: int = 8  # layers share configurations in at most this many contiguous groups
     quality_mode: str | None = None  # "max": most recovered error within `slack` of the fastest time
     slack: float = 0.02  # quality "max": allowed total-time increase over the uncompensated optimum
     time_budget_s: float | None = None  # cap on the total time (solve_compensated sets it for "max")
@@ -182,24 +183,27 @@ def check_quality(tables: OptionTables, options: SolverOptions) -> None:
                 "(compensation.ranks in model.yaml)", "quality", options.quality, best)
 
 
+# Up to this many layers the exact one-group-per-layer model solves in about a second.
+EXACT_LAYERS = 4
+
+
 def layer_groups(n_layers: int, max_groups: int) -> list[tuple[int, int]]:
     """Split layers into contiguous (first, size) groups that share one configuration.
 
-    Decoder layers are identical, so per-layer binaries make the MILP highly symmetric and
-    branch-and-bound cannot close its gap. Groups of sizes 1, 1, 2, 2, 4, 4, ... still let
-    any number of layers take any configuration; the boundaries between groups are modelled
-    exactly. With `n_layers <= max_groups` every layer is its own group (the exact model)."""
-    if n_layers <= max_groups:
+    Decoder layers are identical, so one group per layer makes the MILP highly symmetric and
+    branch-and-bound cannot close its gap. Groups of distinct sizes 1, 2, 4, 8, ... (plus the
+    remainder) still let many counts of layers take any configuration (every count up to the
+    sum of the powers), with no two interchangeable groups, so the solver proves optimality
+    in seconds; the boundaries between groups are modelled exactly. Models of at most
+    EXACT_LAYERS layers (or `max_groups`, if smaller) get one group per layer."""
+    if n_layers <= min(max_groups, EXACT_LAYERS):
         return [(i, 1) for i in range(n_layers)]
     sizes, size = [], 1
-    while sum(sizes) + 2 * size <= n_layers and len(sizes) + 2 < max_groups:
-        sizes += [size, size]
+    while len(sizes) < max_groups - 1 and sum(sizes) + size <= n_layers:
+        sizes.append(size)
         size *= 2
-    rest = n_layers - sum(sizes)
-    while rest > 0:
-        take = min(rest, max(size, -(-rest // max(max_groups - len(sizes), 1))))
-        sizes.append(take)
-        rest -= take
+    if n_layers > sum(sizes):
+        sizes.append(n_layers - sum(sizes))
     groups, first = [], 0
     for size in sizes:
         groups.append((first, size))

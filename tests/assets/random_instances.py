@@ -11,7 +11,8 @@ import math
 import random
 from dataclasses import dataclass, replace
 
-from planner.cost import Scenario, acc_workspace_bytes, draft_vram_bytes, host_staging_bytes
+from planner.cost import Scenario
+from planner.cost_terms import acc_workspace_bytes, draft_vram_bytes, host_staging_bytes
 from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source
 from planner.predict import OptionTables, Prediction, option_tables, predict
 from planner.spec import ModelSpec, Quantization, Workload

@@ -11,7 +11,8 @@ import pytest
 
 from assets.random_instances import GIB, random_spec, tight_instance, with_memory
 from planner.baselines import BASELINES, accelerate, llamacpp, run_baselines, stream_all
-from planner.cost import Scenario, acc_workspace_bytes
+from planner.cost import Scenario
+from planner.cost_terms import acc_workspace_bytes
 from planner.errors import InfeasiblePlanError
 from planner.hardware import load_profile, with_overrides
 from planner.ilp import SolverOptions, solve_placement
