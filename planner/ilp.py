@@ -39,7 +39,7 @@ class SolverOptions:
     solver: str = "auto"  # auto | highs | cbc
     threads: int = 0  # 0 = solver default
     quality: float | None = None  # minimum mean recovered error fraction (compensation)
-    max_groups: int = 8  # layers share configurations in at most this many contiguous groups
+    max_groups: int = 6  # layers share configurations in at most this many contiguous groups
     quality_mode: str | None = None  # "max": most recovered error within `slack` of the fastest time
     slack: float = 0.02  # quality "max": allowed total-time increase over the uncompensated optimum
     time_budget_s: float | None = None  # cap on the total time (solve_compensated sets it for "max")
