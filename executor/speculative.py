@@ -260,3 +260,8 @@ def _json_tokens(line: str, where: str) -> list[int]:
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise OffplanError(f'{where}: expected {{"tokens": [...]}} with a list of integer token ids')
     return tokens
+
+
+def prompt_tensors(token_lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Token-id lists -> [1, p] int64 tensors, one per prompt."""
+    return [torch.tensor(list(tokens), dtype=torch.long).unsqueeze(0) for tokens in token_lists]

@@ -123,8 +123,7 @@ def acceptance(
     if gamma < 1 or (gen or 0) < 2:
         raise OffplanError("--gamma must be at least 1 and --gen at least 2")
     try:
-        import torch
-        from executor.speculative import load_prompts, measure_acceptance
+        from executor.speculative import load_prompts, measure_acceptance, prompt_tensors
         from executor.weights import load_checkpoint
     except ImportError as exc:
         raise OffplanError(f"offplan acceptance needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
@@ -133,8 +132,7 @@ def acceptance(
         draft_spec, draft_model = load_checkpoint(draft)
         token_lists = load_prompts(prompts, vocab=target_spec.vocab)
         status.update(f"speculative decoding of {len(token_lists)} prompts")
-        rate, per_step = measure_acceptance(target_model, draft_model,
-                                            [torch.tensor(t).unsqueeze(0) for t in token_lists], gamma, gen)
+        rate, per_step = measure_acceptance(target_model, draft_model, prompt_tensors(token_lists), gamma, gen)
     console.print(f"acceptance of {draft_spec.name} for {target_spec.name}: [bold]{rate:.3f}[/] per token; "
                   f"{per_step:.2f} tokens per verify step at gamma {gamma} ({len(token_lists)} prompts)")
     console.print(f"use it with: offplan solve MODEL --acceptance {draft_spec.name}={rate:.3f}")
@@ -161,9 +159,8 @@ def sensitivity(
     if not rank_list or rank_list[0] < 0:
         raise OffplanError(f"--ranks {ranks!r}: need at least one rank, none negative")
     try:
-        import torch
         from executor.sensitivity import random_prompts, sensitivity as measure, synthetic_sensitivity
-        from executor.speculative import load_prompts
+        from executor.speculative import load_prompts, prompt_tensors
         from executor.weights import load_checkpoint
     except ImportError as exc:
         raise OffplanError(f"offplan sensitivity needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
@@ -179,8 +176,8 @@ def sensitivity(
                                           group_size or (q.group_size if q else 128), progress=progress)
         else:
             spec, model = load_checkpoint(source, dtype="fp32")
-            prompts = ([torch.tensor(t).unsqueeze(0) for t in load_prompts(calibration, vocab=spec.vocab)]
-                       if calibration else random_prompts(spec.vocab))
+            prompts = (prompt_tensors(load_prompts(calibration, vocab=spec.vocab)) if calibration
+                       else random_prompts(spec.vocab))
             table = measure(model, spec, bits or 4, group_size or 128, rank_list, prompts, progress=progress)
     save_rank_table(table, out)
     console.print(f"rank table of {len(table.tensors)} matrices ({table.method}) written to [bold]{out}[/]; use it "
