@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 from rich.console import Console
@@ -44,23 +43,12 @@ from planner.spec import ModelSpec, Workload
 from planner.units import fmt_bytes
 
 from executor.model import Transformer
-from executor.speculative import greedy_generate, speculative_generate
+from executor.speculative import greedy_generate, speculative_generate, truncated_draft
 from executor.weights import synthetic_model
 
 TARGET = ModelSpec(name="bench-target-600m", family="llama", layers=12, hidden=1024, intermediate=2816,
                    heads=16, kv_heads=4, vocab=8192, dtype="fp32", max_context=4096)
 
-
-def truncated_draft(target: Transformer, layers: int) -> Transformer:
-    """The target's first `layers` decoder layers with its embeddings, final norm and lm_head."""
-    spec = replace(target.spec, layers=layers, name=f"{target.spec.name}-first{layers}")
-    with torch.device("meta"):
-        draft = Transformer(spec)
-    state = {name: tensor for name, tensor in target.state_dict().items()
-             if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers}
-    draft.load_state_dict(state, strict=True, assign=True)
-    draft.tie_weights()
-    return draft.eval()
 
 
 @torch.no_grad()

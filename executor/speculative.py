@@ -29,7 +29,7 @@ The ratio accepted / proposed is smaller (it is (E - 1) / g) and is not what the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -265,3 +265,17 @@ def _json_tokens(line: str, where: str) -> list[int]:
 def prompt_tensors(token_lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Token-id lists -> [1, p] int64 tensors, one per prompt."""
     return [torch.tensor(list(tokens), dtype=torch.long).unsqueeze(0) for tokens in token_lists]
+
+
+def truncated_draft(target: Transformer, layers: int) -> Transformer:
+    """A draft made of the target's first `layers` decoder layers with its embeddings, final
+    norm and lm_head (tensors shared, not copied): a draft that agrees with random-weight
+    targets often enough to exercise speculative decoding."""
+    spec = replace(target.spec, layers=layers, name=f"{target.spec.name}-first{layers}")
+    with torch.device("meta"):
+        draft = Transformer(spec)
+    state = {name: tensor for name, tensor in target.state_dict().items()
+             if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers}
+    draft.load_state_dict(state, strict=True, assign=True)
+    draft.tie_weights()
+    return draft.eval()

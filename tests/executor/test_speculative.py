@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import tiny_spec
 from executor.model import KVCache, Transformer
-from executor.speculative import (SpecStep, acceptance_from_steps, greedy_generate, load_prompts,
-                                  measure_acceptance, prepare_caches, speculative_generate)
+from executor.speculative import (acceptance_from_steps, greedy_generate, load_prompts, measure_acceptance,
+                                  prepare_caches, SpecStep, speculative_generate, truncated_draft)
 from executor.weights import synthetic_model
 from planner.cost import expected_tokens_per_step
 from planner.errors import OffplanError, SpecError
@@ -34,17 +33,6 @@ def one_thread():
 def target() -> Transformer:
     return synthetic_model(tiny_spec(), seed=0)
 
-
-def truncated_draft(target: Transformer, layers: int) -> Transformer:
-    """The target's first `layers` layers with its embeddings, final norm and lm_head (shared)."""
-    spec = replace(target.spec, layers=layers, name=f"{target.spec.name}-first{layers}")
-    with torch.device("meta"):
-        draft = Transformer(spec)
-    state = {k: v for k, v in target.state_dict().items()
-             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    draft.load_state_dict(state, strict=True, assign=True)
-    draft.tie_weights()
-    return draft.eval()
 
 
 def prompt_of(batch: int, tokens: int = 7, seed: int = 0) -> torch.Tensor:
