@@ -205,6 +205,8 @@ class CompensatedLinear(nn.Module):
     buffers, so `.to(device)` moves only the backbone. The worker thread is created on the
     first forward that needs it and ended by `close()` (or leaving a `with` block); pass
     `pool` to share one worker between layers (then `close()` leaves it running).
+    executor/offload.py may replace `quant` by a streamed or host-computed backbone with the
+    same call signature; forward, and so the branch's concurrency, stays the same.
 
     Counters (seconds, cumulative until `reset_timers()`): `host_branch_s` is the host
     compute time of the branch; `wait_s` is how long forward blocked on the branch after

@@ -268,13 +268,13 @@ class Transformer(nn.Module):
 
     def setup_caches(self, batch: int, max_tokens: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
-        """Install one empty KVCache per layer; by default in the parameter dtype, on the device
-        of each layer's k_proj weight."""
-        dtype = dtype or self.model.embed_tokens.weight.dtype
+        """Install one empty KVCache per layer; by default in the model dtype, on the device of
+        each layer's input norm weight: where its activations are. (k_proj may hold no float
+        weight: quantized, compensated or placed by offload code.)"""
         for layer in self.model.layers:
-            attn = layer.self_attn
-            attn.kv_cache = KVCache(batch, max_tokens, attn.kv_heads, attn.head_dim, dtype,
-                                    device or attn.k_proj.weight.device)
+            attn, norm = layer.self_attn, layer.input_layernorm.weight
+            attn.kv_cache = KVCache(batch, max_tokens, attn.kv_heads, attn.head_dim, dtype or norm.dtype,
+                                    device or norm.device)
 
     def reset_caches(self) -> None:
         self.truncate_caches(0)

@@ -5,6 +5,10 @@
   weights into one of two accelerator buffers while the current stage computes.
 - `cpu` weights live in host memory and are computed there; activations cross the link.
   A cpu weight marked `prefill_streamed` is streamed like a `stream` weight during prefill.
+- Quantized weights (executor/quant.py) stay packed wherever they are: streamed ones move
+  their codes, scales and zero points and are dequantized where they are multiplied. A
+  compensated matrix keeps its CompensatedLinear, whose backbone becomes the placed one, so
+  its host branch runs beside the streamed or host matmul as it does beside a resident one.
 - Each layer's KV cache is split as the plan says (executor/attention.py).
 
 The model code (executor/model.py) knows nothing of this: modules are swapped and forward
@@ -17,14 +21,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from planner.errors import PlanError
 from planner.plan import Plan
 
 from .attention import HybridKVCache, split_tokens
+from .compensation import CompensatedLinear
 from .model import KVCache, Transformer
+from .quant import QuantizedTensor, QuantLinear, quant_matmul
 from .streams import Devices, PrefetchEngine, to_accelerator, to_host
 
 PHASES = ("prefill", "decode")
@@ -39,19 +45,40 @@ class LinearStats:
     calls: int = 0
 
 
-class PlacedLinear(nn.Module):
-    """A Linear whose weight is not resident: streamed into a buffer slot, or computed on the
-    host. `engine.phase` decides per call which (a cpu weight may stream for prefill)."""
+@dataclass(frozen=True)
+class FloatKernel:
+    """y = x·Wᵀ + b from the tensors (W [out, in],)."""
 
-    def __init__(self, linear: nn.Linear, name: str, device: str, prefill_streamed: bool,
+    def __call__(self, x: Tensor, tensors: tuple[Tensor, ...], bias: Tensor | None) -> Tensor:
+        return F.linear(x, tensors[0], bias)  # [..., out]
+
+
+@dataclass(frozen=True, eq=False)
+class QuantKernel:
+    """y = x·deq(Q)ᵀ + b from the storage of a QuantizedTensor of `layout` (packed codes,
+    scales[, zeros]), on whichever device those tensors are: QuantLinear's own matmul."""
+
+    layout: QuantizedTensor  # shapes, bits and group size; its own storage is the host copy
+
+    def __call__(self, x: Tensor, tensors: tuple[Tensor, ...], bias: Tensor | None) -> Tensor:
+        return quant_matmul(x, self.layout.with_storage(tensors), bias)  # [..., out]
+
+
+class PlacedLinear(nn.Module):
+    """A Linear whose weight is not resident: its host tensors are streamed into a buffer
+    slot, or computed on the host. `engine.phase` decides per call which (a cpu weight may
+    stream for prefill). `kernel` is the matmul over those tensors: float or dequantizing."""
+
+    def __init__(self, kernel: FloatKernel | QuantKernel, host_tensors: tuple[Tensor, ...],
+                 bias: Tensor | None, name: str, device: str, prefill_streamed: bool,
                  devices: Devices, engine: PrefetchEngine, stats: LinearStats):
         super().__init__()
         self.name, self.placement, self.prefill_streamed = name, device, prefill_streamed
         self.devices, self.engine, self.stats = devices, engine, stats
-        self.host_weight = devices.host_copy(linear.weight.detach())  # [out, in], pinned on CUDA
-        self.host_bias = None if linear.bias is None else devices.host_copy(linear.bias.detach())
-        self.device_bias = None if linear.bias is None else linear.bias.detach().to(devices.accelerator)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = kernel
+        self.host_tensors = host_tensors  # what streams and what the host multiplies; pinned on CUDA
+        self.host_bias = None if bias is None else devices.host_copy(bias.detach())
+        self.device_bias = None if bias is None else bias.detach().to(devices.accelerator)
         self.recorder = None  # executor.recorder.Recorder when tracing
         self.stage = name.split(".self_attn")[0].split(".mlp")[0].replace("layers.", "layer ")
 
@@ -60,11 +87,11 @@ class PlacedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] on the accelerator
         if self.streams_now():
-            return F.linear(x, self.engine.weight(self.name), self.device_bias)
+            return self.kernel(x, self.engine.views(self.name), self.device_bias)  # [..., out]
         start = time.perf_counter()
         x_host = to_host(x, self.devices)
         moved = time.perf_counter()
-        y_host = F.linear(x_host, self.host_weight, self.host_bias)  # [..., out] on the host
+        y_host = self.kernel(x_host, self.host_tensors, self.host_bias)  # [..., out] on the host
         computed = time.perf_counter()
         if self.recorder is not None:
             r = self.recorder
@@ -155,24 +182,18 @@ def _check_model(model: Transformer, plan: Plan) -> None:
         raise PlanError(f"plan: tensor {missing[0]!r} is not in the model (the plan was made for another model)")
 
 
-def float_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """An nn.Linear computing what `module` computes: itself, or for a quantized (and
-    compensated) module its dequantized weight plus the low-rank correction (A·B)ᵀ. Used for
-    quantized tensors that are streamed or computed on the host: the numbers are those of
-    the quantized model; the bytes moved are those of `dtype`, not of the packed integers."""
-    if isinstance(module, nn.Linear):
-        return module
-    quant = getattr(module, "quant", module)  # CompensatedLinear wraps a QuantLinear
-    weight = quant.weight(dtype)  # [out, in]
-    a, b = getattr(module, "a", None), getattr(module, "b", None)
-    if a is not None and a.shape[1] > 0:
-        weight = weight + (a.to(dtype) @ b.to(dtype)).T.to(weight.device)  # [in, r] @ [r, out] -> [out, in]
-    linear = nn.Linear(quant.in_features, quant.out_features, bias=quant.bias is not None, device="meta",
-                       dtype=dtype)
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if quant.bias is not None:
-        linear.bias = nn.Parameter(quant.bias.to(dtype), requires_grad=False)
-    return linear
+def placed_linear(module: nn.Linear | QuantLinear, name: str, device: str, prefill_streamed: bool,
+                  devices: Devices, engine: PrefetchEngine, stats: LinearStats) -> PlacedLinear:
+    """The PlacedLinear of a float or quantized Linear. A quantized one keeps only its packed
+    storage on the host (the module's own tensors when they already are in usable host
+    memory), so it streams and is multiplied as packed integers."""
+    common = (name, device, prefill_streamed, devices, engine, stats)
+    if isinstance(module, QuantLinear):
+        qt = module.quantized()
+        host_qt = qt.with_storage(tuple(devices.host_resident(t) for t in qt.storage))
+        return PlacedLinear(QuantKernel(host_qt), host_qt.storage, module.bias, *common)
+    weight = devices.host_copy(module.weight.detach())  # [out, in]
+    return PlacedLinear(FloatKernel(), (weight,), module.bias, *common)
 
 
 def _module_bytes(module: nn.Module) -> int:
@@ -216,11 +237,16 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
             module.to(devices.accelerator)
             resident_bytes += _module_bytes(module)
             continue
-        placed = PlacedLinear(float_linear(module, dtype), t.name, device, placement.streams_for_prefill(t.name), devices, engine, stats)
+        compensated = isinstance(module, CompensatedLinear)
+        placed = placed_linear(module.quant if compensated else module, t.name, device,
+                               placement.streams_for_prefill(t.name), devices, engine, stats)
         if device == "stream" or placed.prefill_streamed:
             phases = PHASES if device == "stream" else ("prefill",)
-            engine.register(t.name, stage_of[t.name], placed.host_weight, phases)
-        setattr(parent, attr, placed)
+            engine.register(t.name, stage_of[t.name], placed.host_tensors, phases)
+        if compensated:
+            module.quant = placed  # its branch is submitted before, and added after, the placed matmul
+        else:
+            setattr(parent, attr, placed)
     if plan.model.tied_embeddings and placement.device("lm_head") != "gpu" and placement.device("embed_tokens") == "gpu":
         # The lookup table is the lm_head weight, which lives on the host: look up there.
         model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight.detach(), devices)

@@ -53,9 +53,19 @@ class QuantizedTensor:
                 + self.scales.numel() * self.scales.element_size() + zero_bytes)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
-        zeros = None if self.zeros is None else self.zeros.to(device)
-        return QuantizedTensor(self.data.to(device), self.scales.to(device), zeros,
-                               self.bits, self.group_size, self.shape)
+        return self.with_storage(tuple(t.to(device) for t in self.storage))
+
+    @property
+    def storage(self) -> tuple[Tensor, ...]:
+        """(data, scales) or (data, scales, zeros): the tensors `nbytes` counts, in that order."""
+        return (self.data, self.scales) if self.zeros is None else (self.data, self.scales, self.zeros)
+
+    def with_storage(self, storage: tuple[Tensor, ...]) -> "QuantizedTensor":
+        """The same layout backed by other tensors of the same shapes and dtypes, in `storage`
+        order (a pinned host copy, views into a streaming buffer)."""
+        data, scales, *zeros = storage
+        return QuantizedTensor(data, scales, zeros[0] if zeros else None, self.bits,
+                               self.group_size, self.shape)
 
 
 def check_quant_params(in_features: int, bits: int, group_size: int) -> None:
@@ -153,6 +163,14 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tenso
     return w.reshape(out_features, in_features).to(dtype)
 
 
+def quant_matmul(x: Tensor, qt: QuantizedTensor, bias: Tensor | None = None) -> Tensor:
+    """y = x @ deq(qt).T + b on the device of qt: the dequantizing matmul of every quantized
+    Linear, resident, streamed or host-computed. x [..., in] -> [..., out]; the transient
+    [out, in] weight is built in x's dtype and dropped after the call."""
+    w = dequantize(qt, x.dtype)  # [out, in]
+    return nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 class QuantLinear(nn.Module):
     """y = x @ deq(W).T + b from a QuantizedTensor.
 
@@ -190,9 +208,10 @@ class QuantLinear(nn.Module):
         return dequantize(self.quantized(), dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [..., in] -> [..., out]
-        w = self.weight(x.dtype)  # [out, in]
+        if self.weight_cache is None:
+            return quant_matmul(x, self.quantized(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, w, bias)
+        return nn.functional.linear(x, self.weight_cache.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -49,6 +49,14 @@ class Devices:
         out.copy_(tensor)
         return out
 
+    def host_resident(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` itself when it already is in host memory fit for async copies (any host
+        tensor on the loopback, a pinned one on CUDA), else a host_copy: no second copy of
+        weights that are already where they must be."""
+        if tensor.device == self.host and (not self.cuda or tensor.is_pinned()):
+            return tensor
+        return self.host_copy(tensor)
+
 
 def to_host(x: torch.Tensor, devices: Devices) -> torch.Tensor:
     """Device-to-host copy of an activation. CPU twin: a real copy into a fresh buffer, so
@@ -70,6 +78,11 @@ def _pieces(dst: torch.Tensor, src: torch.Tensor):
     step = max(COPY_PIECE_BYTES // src.element_size(), 1)
     for start in range(0, flat_src.numel(), step):
         yield flat_dst[start:start + step], flat_src[start:start + step]
+
+
+def _aligned(tensor: torch.Tensor) -> int:
+    """Bytes `tensor` takes in a slot: its size rounded up to _ALIGN_BYTES."""
+    return -(-tensor.numel() * tensor.element_size() // _ALIGN_BYTES) * _ALIGN_BYTES
 
 
 class _CudaCopier:
@@ -133,15 +146,19 @@ class PrefetchEngine:
     """Double-buffered streaming of weights, stage by stage (stage = layer; the last stage is
     the head). Entering stage s waits for its copy and issues the copy of the next stage
     that streams anything into the other buffer slot, so the copy of s+1 overlaps compute of s.
-    Decode is cyclic: the head prefetches layer 0 of the next step."""
+    Decode is cyclic: the head prefetches layer 0 of the next step.
+
+    A streamed tensor is a tuple of host tensors copied as they are: a float weight (one
+    tensor), or a quantized one's packed codes, scales and zero points, so the link carries
+    exactly the bytes the host holds."""
 
     def __init__(self, devices: Devices):
         self.devices = devices
         self.phase = "decode"
-        self._sources: dict[str, torch.Tensor] = {}  # tensor name -> host weight
+        self._sources: dict[str, tuple[torch.Tensor, ...]] = {}  # tensor name -> its host tensors
         self._stage_members: dict[str, dict[int, list[str]]] = {"prefill": {}, "decode": {}}
         self._slots: list[torch.Tensor] = []  # two flat uint8 buffers on the accelerator
-        self._views: dict[str, torch.Tensor] = {}  # tensor name -> its view in the current slot
+        self._views: dict[str, tuple[torch.Tensor, ...]] = {}  # tensor name -> views in its slot
         self._pending: dict[int, tuple[object, int]] = {}  # stage -> (copy handle, bytes)
         self._next_slot = 0
         self._copier = _CudaCopier(devices.accelerator) if devices.cuda else _ThreadCopier()
@@ -154,17 +171,15 @@ class PrefetchEngine:
             self._copier.recorder = recorder
 
     # ---- set-up ------------------------------------------------------------------------------
-    def register(self, name: str, stage: int, host_weight: torch.Tensor, phases: tuple[str, ...]) -> None:
-        self._sources[name] = host_weight
+    def register(self, name: str, stage: int, host_tensors: tuple[torch.Tensor, ...],
+                 phases: tuple[str, ...]) -> None:
+        """Stream `host_tensors` (contiguous, in host memory) of tensor `name` for `stage`."""
+        self._sources[name] = tuple(host_tensors)
         for phase in phases:
             self._stage_members[phase].setdefault(stage, []).append(name)
 
     def _stage_bytes(self, names: list[str]) -> int:
-        total = 0
-        for name in names:
-            w = self._sources[name]
-            total += -(-w.numel() * w.element_size() // _ALIGN_BYTES) * _ALIGN_BYTES
-        return total
+        return sum(_aligned(t) for name in names for t in self._sources[name])
 
     def allocate(self) -> None:
         largest = max((self._stage_bytes(names) for stages in self._stage_members.values()
@@ -218,16 +233,19 @@ class PrefetchEngine:
         self._next_slot = 1 - self._next_slot
         jobs, offset, n_total = [], 0, 0
         for name in self._stage_members[self.phase][stage]:
-            src = self._sources[name]
-            n_bytes = src.numel() * src.element_size()
-            view = slot[offset:offset + n_bytes].view(src.dtype).view(src.shape)
-            self._views[name] = view
-            jobs.append((view, src))
-            offset += -(-n_bytes // _ALIGN_BYTES) * _ALIGN_BYTES
-            n_total += n_bytes
+            views = []
+            for src in self._sources[name]:
+                n_bytes = src.numel() * src.element_size()
+                view = slot[offset:offset + n_bytes].view(src.dtype).view(src.shape)
+                views.append(view)
+                jobs.append((view, src))
+                offset += _aligned(src)
+                n_total += n_bytes
+            self._views[name] = tuple(views)
         self._pending[stage] = (self._copier.issue(jobs, self.stage_names.get(stage, f"stage {stage}")), n_total)
 
-    def weight(self, name: str) -> torch.Tensor:
+    def views(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Tensor `name`'s host tensors as copied into the current stage's slot (same order)."""
         return self._views[name]
 
     @property
