@@ -10,13 +10,21 @@ of each, and the median absolute error of decode speed.
 Without --profile it measures this machine first (`offplan profile --quick`) at the same
 thread count as the runs. One torch thread is the default: on a small shared machine,
 OpenMP matmuls with every core busy collapse whenever another process wants a core.
+
+Each plan runs in a fresh process (`offplan run plan.yaml --synthetic --json`), as a user
+runs it: in one long process, the C allocator's heap after the first model is freed serves
+the next model's weights from reused memory, and matmuls over it ran ~9% slower here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -27,13 +35,13 @@ from planner.hardware import load_profile, with_overrides
 from planner.ilp import solve_placement
 from planner.modelfile import load_model_file
 from planner.placement import uniform_placement
-from planner.plan import make_plan
+from planner.plan import load_plan, make_plan, save_plan
 from planner.spec import Workload
 from planner.units import GIB
 
 from planner.simulate import simulate_plan
 
-from executor.run import RunOptions, error_pct, run_plan
+from executor.run import error_pct
 
 
 def loopback_profile(path: str | None, threads: int):
@@ -41,6 +49,18 @@ def loopback_profile(path: str | None, threads: int):
         return load_profile(path)
     from executor.profiler import profile_machine
     return profile_machine(quick=True, threads=threads)
+
+
+def run_in_process(plan, threads: int, workdir: Path, index: int) -> dict:
+    """`offplan run` of `plan` in a fresh Python process; its JSON report."""
+    plan_path, report_path = workdir / f"plan-{index}.yaml", workdir / f"report-{index}.json"
+    save_plan(plan, plan_path)
+    command = [sys.executable, "-c", "from planner.cli import main; main()", "run", str(plan_path),
+               "--synthetic", "--threads", str(threads), "--json", str(report_path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"offplan run failed for plan {index}:\n{done.stderr or done.stdout}")
+    return json.loads(report_path.read_text())
 
 
 def plans(spec, profile, workload):
@@ -82,18 +102,19 @@ def main() -> None:
     for col in ("plan", "decode step ILP", "simulated", "measured", "error", "TTFT pred", "measured", "error"):
         table.add_column(col, justify="left" if col == "plan" else "right")
     decode_errors, ttft_errors = [], []
-    for name, plan in plans(spec, profile, workload):
-        report = run_plan(plan, RunOptions(synthetic=True, threads=args.threads))
-        p, m = report.predicted, report.measured
-        e_dec = error_pct(p.decode_tokens_per_s, m.decode_tokens_per_s)
-        e_ttft = error_pct(p.ttft_s, m.ttft_s)
-        decode_errors.append(abs(e_dec))
-        ttft_errors.append(abs(e_ttft))
-        # The executor's engine prefetches the next stage that streams anything ("next-streamed").
-        sim = simulate_plan(report.plan, prefetch="next-streamed")
-        table.add_row(name, f"{p.decode_step_s * 1e3:.1f} ms", f"{sim.decode_step_s * 1e3:.1f} ms",
-                      f"{m.decode_step_s * 1e3:.1f} ms", f"{e_dec:+.1f}%",
-                      f"{p.ttft_s * 1e3:.0f} ms", f"{m.ttft_s * 1e3:.0f} ms", f"{e_ttft:+.1f}%")
+    with tempfile.TemporaryDirectory(prefix="offplan-pvm-") as tmp:
+        for i, (name, plan) in enumerate(plans(spec, profile, workload)):
+            report = run_in_process(plan, args.threads, Path(tmp), i)
+            p, m = report["predicted"], report["measured"]
+            e_dec = error_pct(p["decode_tokens_per_s"], m["decode_tokens_per_s"])
+            e_ttft = error_pct(p["ttft_s"], m["ttft_s"])
+            decode_errors.append(abs(e_dec))
+            ttft_errors.append(abs(e_ttft))
+            # The executor's engine prefetches the next stage that streams anything ("next-streamed").
+            sim = simulate_plan(load_plan(Path(tmp) / f"plan-{i}.yaml"), prefetch="next-streamed")
+            table.add_row(name, f"{p['decode_step_s'] * 1e3:.1f} ms", f"{sim.decode_step_s * 1e3:.1f} ms",
+                          f"{m['decode_step_s'] * 1e3:.1f} ms", f"{e_dec:+.1f}%",
+                          f"{p['ttft_s'] * 1e3:.0f} ms", f"{m['ttft_s'] * 1e3:.0f} ms", f"{e_ttft:+.1f}%")
     console = Console(width=120)
     console.print(table)
     console.print("error = ILP prediction vs measurement, of decode tokens/s and of time to first token")

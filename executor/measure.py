@@ -2,9 +2,8 @@
 time of several timed runs after warm-up; `measure_all` runs a whole sweep.
 
 Every kernel runs on a torch device: a CUDA device, or the CPU (the loopback accelerator
-and the host). Timing on CUDA uses `torch.cuda.Event`s recorded on the current stream
-(device time, no host jitter); on the CPU, `time.perf_counter`. CUDA-specific calls live
-in the few functions named `_cuda_*`, each beside its CPU twin.
+and the host); executor/timing.py times them. CUDA-specific calls live in the few functions
+named `_cuda_*`, each beside its CPU twin.
 
 Spread: the relative spread of the timed runs, (q3 - q1) / median (interquartile range),
 or (max - min) / median when there are fewer than four runs. A rate derived from a time
@@ -16,8 +15,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,84 +23,23 @@ import torch
 from planner.hardware import Link
 from planner.units import fmt_bytes
 
+from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, decode_step_timing, split_attention_timing, split_overhead,
+                       split_overhead_s)
+from .timing import DTYPES, Timing, time_runs
+
 # The host side of a transfer rotates through a pool at least this large, so each timed copy
 # reads (or writes) memory that no recent run touched: weights streamed by the executor come
 # from DRAM, not from a cache warmed by the previous repeat. Twice a large last-level cache.
 COLD_POOL_BYTES = 128 * 2**20
 # At most this many host slices per transfer size (tiny copies need not span the pool).
 MAX_SLOTS = 1024
-# The smallest spread stored: timer resolution makes anything below it meaningless.
-MIN_SPREAD = 1e-4
-
 TINY_COPY_BYTES = 256  # a transfer whose time is all latency
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CPU_DTYPES = ("fp32", "bf16")  # fp16 matmul on CPUs is a slow emulated path nothing uses
 CUDA_DTYPES = ("bf16", "fp16", "fp32")
 ATTENTION_SHAPE = (8, 4, 128)  # kv_heads, query heads per kv head, head_dim (Llama-3-8B-like)
 ATTENTION_DTYPE = "bf16"
 
 Progress = Callable[[str, float], None]
-
-
-@dataclass(frozen=True)
-class Timing:
-    median_s: float  # per call
-    spread: float  # relative spread of the runs (see module docstring)
-    runs: int
-
-
-def relative_spread(samples_s: list[float]) -> float:
-    """(q3 - q1) / median for four or more samples, (max - min) / median below that."""
-    median = statistics.median(samples_s)
-    if len(samples_s) >= 4:
-        q1, _, q3 = statistics.quantiles(samples_s, n=4, method="inclusive")
-        width = q3 - q1
-    else:
-        width = max(samples_s) - min(samples_s)
-    return max(width / median, MIN_SPREAD) if median > 0 else MIN_SPREAD
-
-
-# ---- clocks: the CUDA functions and their CPU twins ----------------------------------------
-
-def _cuda_synchronize(device: torch.device) -> None:
-    torch.cuda.synchronize(device)
-
-
-def _cpu_synchronize(device: torch.device) -> None:
-    """CPU twin: torch CPU operators have finished when they return."""
-
-
-def _cuda_elapsed_s(fn: Callable[[], object], calls: int) -> float:
-    """Device time of `calls` back-to-back calls, between two events on the current stream."""
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
-
-
-def _cpu_elapsed_s(fn: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return time.perf_counter() - start
-
-
-def time_runs(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-              calls: int = 1) -> Timing:
-    """Median per-call time of `repeats` runs of `calls` calls each, after `warmup` calls."""
-    cuda = device.type == "cuda" and torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    (_cuda_synchronize if cuda else _cpu_synchronize)(device)
-    samples_s = []
-    for _ in range(repeats):
-        elapsed_s = _cuda_elapsed_s(fn, calls) if cuda else _cpu_elapsed_s(fn, calls)
-        samples_s.append(elapsed_s / calls)
-    return Timing(statistics.median(samples_s), relative_spread(samples_s), repeats)
 
 
 # ---- buffers ------------------------------------------------------------------------------
@@ -169,11 +105,20 @@ def matmul_timing(device: torch.device, dtype: str, m: int, k: int, n: int,
 
 def linear_timing(device: torch.device, dtype: str, out_features: int, in_features: int,
                   batch: int, warmup: int, repeats: int) -> Timing:
-    """A decode-step linear layer: x [batch, in] times weight [out, in] transposed."""
+    """A decode-step linear layer: x [batch, in] times weight [out, in] transposed.
+
+    Each call uses the next of a pool of weights spanning at least COLD_POOL_BYTES, as a
+    decode step walks through a model's matrices: every weight comes from memory, never from
+    a cache the previous call warmed (one matrix timed alone reads partly from cache)."""
     tdt = DTYPES[dtype]
-    weight = torch.randn(out_features, in_features, device=device, dtype=tdt)  # [out, in]
+    weight_bytes = out_features * in_features * tdt.itemsize
+    n_weights = max(2, math.ceil(COLD_POOL_BYTES / weight_bytes))
+    weights = [torch.randn(out_features, in_features, device=device, dtype=tdt)  # [out, in]
+               for _ in range(n_weights)]
     x = torch.randn(batch, in_features, device=device, dtype=tdt)  # [batch, in]
-    return time_runs(lambda: torch.nn.functional.linear(x, weight), device, warmup, repeats)
+    pool = itertools.cycle(weights)
+    return time_runs(lambda: torch.nn.functional.linear(x, next(pool)), device, warmup, repeats,
+                     calls=n_weights)
 
 
 def op_overhead_timing(device: torch.device, calls: int, warmup: int, repeats: int) -> Timing:
@@ -220,9 +165,11 @@ class Settings:
     copy_bytes: int  # memory-bandwidth copy (two buffers of this size)
     cpu_gemm_shapes: tuple[tuple[int, int, int], ...]  # (m, k, n), prefill-like
     cuda_gemm_shapes: tuple[tuple[int, int, int], ...]
-    gemv_shape: tuple[int, int]  # (out, in): larger than any last-level cache
+    gemv_shape: tuple[int, int]  # (out, in): one decode-sized weight; a pool of them is cycled
     gemv_batches: tuple[int, ...]  # decode-like; the first must be 1
     attention_tokens: int
+    gemv_size_shapes: tuple[tuple[int, int], ...] = ()  # (out, in) timed at batch 1 for the size factor
+    bus_seconds: float = 0.3  # per run of the streaming-and-matmul probe (executor/contention.py)
 
 
 @dataclass(frozen=True)
@@ -263,7 +210,11 @@ class Compute:
     mem_bw_gbps: Figure  # copy, read + write bytes
     flops_tflops: dict[str, Figure]  # best prefill-like matmul by dtype
     gemv_gbps: dict[str, dict[int, Figure]]  # weight bytes / s by dtype, then batch
+    gemv_size_gbps: dict[int, Figure]  # batch-1 weight bytes / s of the first dtype, by weight bytes
     op_overhead_s: Figure
+    layer_overhead_s: Figure  # fixed time of one decoder layer in a decode step (executor/overhead.py)
+    head_overhead_s: Figure  # fixed time per decode step outside the layers
+    split_overhead_s: Figure  # what a host/accelerator split of one layer's KV cache adds to its attention
 
     def flops_values(self) -> dict[str, float]:
         return {dtype: f.value for dtype, f in self.flops_tflops.items()}
@@ -277,6 +228,14 @@ class Compute:
         return {dt: tuple((float(b), fig.value) for b, fig in sorted(by_batch.items()))
                 for dt, by_batch in self.gemv_gbps.items()}
 
+    def gemv_size_factor(self) -> tuple[tuple[float, float], ...]:
+        """(weight bytes, batch-1 speed relative to the reference matrix of `gemv_gbps`), in
+        the dtype the sizes were timed in; empty when no sizes were timed."""
+        if not self.gemv_size_gbps:
+            return ()
+        reference = self.gemv_gbps[next(iter(self.gemv_gbps))][1].value
+        return tuple((float(n), sig(f.value / reference)) for n, f in sorted(self.gemv_size_gbps.items()))
+
     def gemv_efficiency(self) -> Figure:
         """Batch-1 GEMV bytes/s over copy bandwidth, clamped to (0, 1]: a GEMV only reads,
         so on some machines it beats a copy's read + write rate."""
@@ -288,6 +247,9 @@ class Compute:
         out = {f"{prefix}.mem_bw_gbps": self.mem_bw_gbps.spread,
                f"{prefix}.gemv_efficiency": self.gemv_efficiency().spread,
                f"{prefix}.op_overhead_s": self.op_overhead_s.spread}
+        if prefix == "accelerator":  # the host profile has no per-layer figures
+            out[f"{prefix}.layer_overhead_s"] = self.layer_overhead_s.spread
+            out[f"{prefix}.split_overhead_s"] = self.split_overhead_s.spread
         out.update({f"{prefix}.flops_tflops.{dt}": f.spread for dt, f in self.flops_tflops.items()})
         return out
 
@@ -302,8 +264,20 @@ def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> 
         flops[dt] = max(rates, key=lambda f: f.value)
         weight_bytes = out_f * in_f * DTYPES[dt].itemsize
         gemv[dt] = {b: Figure.rate(weight_bytes, timings[f"{p}.gemv.{dt}.{b}"], 1e9) for b in s.gemv_batches}
+    size_dtype = target.dtypes[0]
+    sizes = {out * inn * DTYPES[size_dtype].itemsize: Figure.rate(out * inn * DTYPES[size_dtype].itemsize,
+                                                                 timings[f"{p}.gemv_size.{out}x{inn}"], 1e9)
+             for out, inn in s.gemv_size_shapes}
+    sizes[out_f * in_f * DTYPES[size_dtype].itemsize] = gemv[size_dtype][1]
+    step = split_overhead(timings[f"{p}.decoder.{SHALLOW_LAYERS}"], timings[f"{p}.decoder.{DEEP_LAYERS}"])
     return Compute(mem_bw_gbps=Figure.rate(2 * target.copy_bytes, timings[f"{p}.copy"], 1e9),
-                   flops_tflops=flops, gemv_gbps=gemv, op_overhead_s=Figure.time(timings[f"{p}.overhead"]))
+                   flops_tflops=flops, gemv_gbps=gemv, gemv_size_gbps=sizes if s.gemv_size_shapes else {},
+                   op_overhead_s=Figure.time(timings[f"{p}.overhead"]),
+                   layer_overhead_s=Figure(sig(step.layer_s), sig(step.spread)),
+                   head_overhead_s=Figure(sig(step.head_s), sig(step.spread)),
+                   split_overhead_s=Figure(sig(split_overhead_s(timings[f"{p}.attention.split"],
+                                                                timings[f"{p}.attention.device"])),
+                                           sig(timings[f"{p}.attention.split"].spread)))
 
 
 def link_figures(timings: dict[str, Timing], s: Settings,
@@ -388,4 +362,14 @@ def _compute_steps(target: Target, s: Settings) -> list[_Step]:
                   for b in s.gemv_batches]
     steps.append(_Step(f"{p}.overhead", f"{p} per-operator overhead",
                        functools.partial(op_overhead_timing, dev, s.overhead_calls, w, r)))
+    probe_dtype = target.dtypes[0]
+    steps += [_Step(f"{p}.gemv_size.{o}x{i}", f"{p} {probe_dtype} GEMV {o}x{i}",
+                    functools.partial(linear_timing, dev, probe_dtype, o, i, 1, w, r))
+              for o, i in s.gemv_size_shapes]
+    steps += [_Step(f"{p}.decoder.{n}", f"{p} decode step overhead ({n} layers)",
+                    functools.partial(decode_step_timing, dev, probe_dtype, n, w, r))
+              for n in (SHALLOW_LAYERS, DEEP_LAYERS)]
+    steps += [_Step(f"{p}.attention.{kind}", f"{p} decode attention, KV cache {kind}",
+                    functools.partial(split_attention_timing, dev, probe_dtype, fraction, w, r))
+              for kind, fraction in (("device", 0.0), ("split", 0.5))]
     return steps

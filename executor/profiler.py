@@ -38,7 +38,8 @@ from planner.hwtable import pcie_gbps
 from planner.units import fmt_bytes
 
 from . import measure
-from .measure import CPU_DTYPES, CUDA_DTYPES, Compute, Figure, Settings, Target
+from .contention import BusFigure, bus_figure
+from .measure import CPU_DTYPES, CUDA_DTYPES, Compute, Figure, Settings, Target, sig
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,20 @@ FULL = Settings(
     warmup=2, repeats=9, latency_calls=200, overhead_calls=200, copy_bytes=1 * GIB,
     cpu_gemm_shapes=((512, 2048, 2048), (1024, 4096, 4096)),
     cuda_gemm_shapes=((2048, 4096, 4096), (4096, 8192, 8192)),
-    gemv_shape=(16384, 4096), gemv_batches=(1, 4, 16, 64), attention_tokens=65536)
+    gemv_shape=(4096, 4096), gemv_batches=(1, 4, 16, 64), attention_tokens=65536,
+    gemv_size_shapes=((512, 1024), (1024, 2048), (2048, 2048), (8192, 2048), (16384, 4096)), bus_seconds=1.0)
 QUICK = Settings(
     link_sizes_bytes=(64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB),
     warmup=1, repeats=5, latency_calls=100, overhead_calls=100, copy_bytes=256 * MIB,
     cpu_gemm_shapes=((512, 2048, 2048),), cuda_gemm_shapes=((4096, 8192, 8192),),
-    gemv_shape=(16384, 4096), gemv_batches=(1, 16, 64), attention_tokens=32768)
+    gemv_shape=(4096, 4096), gemv_batches=(1, 16, 64), attention_tokens=32768,
+    gemv_size_shapes=((512, 1024), (2048, 2048), (16384, 4096)), bus_seconds=0.3)
 TINY = Settings(  # tests: same code paths, seconds instead of minutes; figures are rougher
     link_sizes_bytes=(64 * KIB, 1 * MIB, 64 * MIB),
     warmup=1, repeats=3, latency_calls=50, overhead_calls=50, copy_bytes=64 * MIB,
     cpu_gemm_shapes=((256, 1024, 1024),), cuda_gemm_shapes=((1024, 2048, 2048),),
-    gemv_shape=(4096, 4096), gemv_batches=(1,), attention_tokens=8192)
+    gemv_shape=(2048, 2048), gemv_batches=(1,), attention_tokens=8192,
+    gemv_size_shapes=((512, 512),), bus_seconds=0.05)
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -117,10 +121,13 @@ def _profile_with(settings: Settings, threads: int | None, report: Progress, hos
     with _torch_threads(threads) as n_threads:
         timings = measure.measure_all(settings, gpu.device if gpu else cpu, gpu is not None,
                                       targets, report)
+        report("host memory bus: streaming and matmuls at once", 1.0)
+        bus = bus_figure(gpu.device if gpu else cpu, host_target.dtypes[0], settings.gemv_shape,
+                         settings.bus_seconds, settings.repeats)
     link, link_spread = measure.link_figures(timings, settings, pageable_measured=gpu is not None)
     figures = _Figures(cpu=measure.compute_figures(host_target, timings, settings),
                        attention=measure.attention_figure(timings, settings),
-                       link=link, link_spread=link_spread, threads=n_threads, busy=busy)
+                       link=link, link_spread=link_spread, threads=n_threads, busy=busy, bus=bus)
     if gpu is None:
         return _loopback_profile(host, figures)
     return _cuda_profile(host, gpu, measure.compute_figures(targets[0], timings, settings), figures)
@@ -301,6 +308,7 @@ class _Figures:
     link_spread: dict[str, float]
     threads: int
     busy: str  # a warning when other programs loaded the CPU while measuring, else ''
+    bus: BusFigure  # host DRAM traffic of streaming and host matmuls running together
 
 
 def _loopback_profile(host: HostFacts, f: _Figures) -> HardwareProfile:
@@ -309,14 +317,18 @@ def _loopback_profile(host: HostFacts, f: _Figures) -> HardwareProfile:
         name=f"loopback (CPU: {host.cpu_model})", memory_bytes=device_bytes,
         mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
         gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
-        op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(), loopback=True)
+        op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(),
+        gemv_size_factor=f.cpu.gemv_size_factor(),
+        layer_overhead_s=f.cpu.layer_overhead_s.value, head_overhead_s=f.cpu.head_overhead_s.value,
+        split_overhead_s=f.cpu.split_overhead_s.value,
+        loopback=True)
     host_bytes = host.ram_available_bytes - device_bytes
     notes = [f"host {host.hostname}, torch {torch.__version__}, {f.threads} threads",
              "loopback: no CUDA device, the CPU plays the accelerator; accelerator memory is a "
              f"budget of half the available RAM ({fmt_bytes(host.ram_available_bytes)} available, "
              f"{fmt_bytes(host.ram_total_bytes)} total; pass --vram to shrink it); link = copy_ "
              "between two host buffers; pageable curves = pinned curves",
-             _gemv_note("host", f.cpu)]
+             _gemv_note("host", f.cpu), _bus_note(f.bus, loopback=True)]
     return HardwareProfile(
         name=slug(f"{host.hostname}-loopback"), accelerator=accelerator, link=f.link,
         host=_host_part(host, f, host_bytes, host_bytes), source=_source(notes, f.busy),
@@ -329,6 +341,9 @@ def _cuda_profile(host: HostFacts, gpu: GpuFacts, dev: Compute, f: _Figures) -> 
         name=gpu.name, memory_bytes=gpu.total_bytes, mem_bw_gbps=dev.mem_bw_gbps.value,
         flops_tflops=dev.flops_values(), gemv_efficiency=dev.gemv_efficiency().value,
         matmul_efficiency=1.0, op_overhead_s=dev.op_overhead_s.value, gemv_gbps=dev.gemv_curves(),
+        gemv_size_factor=dev.gemv_size_factor(),
+        layer_overhead_s=dev.layer_overhead_s.value, head_overhead_s=dev.head_overhead_s.value,
+        split_overhead_s=dev.split_overhead_s.value,
         used_by_others_bytes=gpu.used_by_others_bytes, pcie_generation=gpu.pcie_generation,
         pcie_width=gpu.pcie_width)
     fragmentation = max(MIN_FRAGMENTATION_BYTES, int(FRAGMENTATION_FRACTION * gpu.total_bytes))
@@ -336,7 +351,8 @@ def _cuda_profile(host: HostFacts, gpu: GpuFacts, dev: Compute, f: _Figures) -> 
              f"{f.threads} threads",
              f"reserve = runtime context {fmt_bytes(gpu.context_bytes)} + fragmentation margin "
              f"{fmt_bytes(fragmentation)}",
-             _pcie_note(gpu, f.link), _gemv_note("accelerator", dev), _gemv_note("host", f.cpu)]
+             _pcie_note(gpu, f.link), _gemv_note("accelerator", dev), _gemv_note("host", f.cpu),
+             _bus_note(f.bus, loopback=False)]
     others_bytes = max(host.ram_total_bytes - host.ram_available_bytes, 0)
     return HardwareProfile(
         name=slug(f"{host.hostname}-{gpu.name}"), accelerator=accelerator, link=f.link,
@@ -350,13 +366,14 @@ def _host_part(host: HostFacts, f: _Figures, memory_bytes: int, available_bytes:
                 mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
                 gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
                 op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(),
-                attention_gbps=f.attention.value,
+                gemv_size_factor=f.cpu.gemv_size_factor(), attention_gbps=f.attention.value,
+                bus_gbps=sig(f.bus.dram_gbps), copy_slowdown_s_per_gb=sig(f.bus.slowdown_s_per_gb),
                 available_bytes=available_bytes, threads=f.threads)
 
 
 def _spread(f: _Figures, accelerator: Compute) -> dict[str, float]:
     return {**f.link_spread, **accelerator.spread("accelerator"), **f.cpu.spread("host"),
-            "host.attention_gbps": f.attention.spread}
+            "host.attention_gbps": f.attention.spread, "host.bus_gbps": sig(f.bus.spread)}
 
 
 def _source(notes: list[str], busy: str) -> Source:
@@ -371,6 +388,12 @@ def _gemv_note(prefix: str, c: Compute) -> str:
     parts = [f"{dt} " + ", ".join(f"b{batch} {f.value:.1f}" for batch, f in by_batch.items())
              for dt, by_batch in c.gemv_gbps.items()]
     return f"{prefix} GEMV GB/s by batch: " + "; ".join(parts)
+
+
+def _bus_note(bus: BusFigure, loopback: bool) -> str:
+    copies = "copy read + write" if loopback else "DMA reads"
+    return (f"host memory bus: {bus.dram_gbps:.1f} GB/s with streaming ({bus.copy_gbps:.1f} GB/s, counted as "
+            f"{copies}) and host matmuls ({bus.gemv_gbps:.1f} GB/s, {bus.gemv_alone_gbps:.1f} alone) running at once")
 
 
 def _pcie_note(gpu: GpuFacts, link: Link) -> str:

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import OffplanError
 from .hardware import HardwareProfile, load_profile, with_overrides
@@ -96,7 +97,7 @@ def run_app(app: typer.Typer) -> None:
     except OffplanError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err_console.print("aborted")
@@ -113,6 +114,7 @@ def run_app(app: typer.Typer) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, OSError) and not debug:
-            err_console.print(f"[bold red]error:[/] {exc.strerror or exc}: {exc.filename or ''}", highlight=False)
+            where = escape(str(exc.filename or ''))
+            err_console.print(f"[bold red]error:[/] {escape(str(exc.strerror or exc))}: {where}", highlight=False)
             sys.exit(2)
         raise

@@ -41,8 +41,8 @@ def run(
     plan = load_plan(plan_file)
     try:
         from executor.run import RunOptions, run_plan
-    except ImportError as exc:
-        raise OffplanError(f"offplan run needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    except ModuleNotFoundError as exc:
+        raise missing_run_extra("run", exc) from None
     options = RunOptions(checkpoint=checkpoint, synthetic=synthetic, seed=seed, prompt=prompt, gen=gen,
                          threads=threads, profile_layers=profile_layers, draft_checkpoint=draft_checkpoint,
                          trace=trace is not None)
@@ -97,8 +97,8 @@ def profile(
     check_out_path(out)
     try:
         from executor.profiler import default_profile_path, profile_machine
-    except ImportError as exc:
-        raise OffplanError(f"offplan profile needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    except ModuleNotFoundError as exc:
+        raise missing_run_extra("profile", exc) from None
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("profiling", total=1.0)
 
@@ -125,8 +125,8 @@ def acceptance(
     try:
         from executor.speculative import load_prompts, measure_acceptance, prompt_tensors
         from executor.weights import load_checkpoint
-    except ImportError as exc:
-        raise OffplanError(f"offplan acceptance needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    except ModuleNotFoundError as exc:
+        raise missing_run_extra("acceptance", exc) from None
     with console.status("loading models...", spinner="dots") as status:
         target_spec, target_model = load_checkpoint(target)
         draft_spec, draft_model = load_checkpoint(draft)
@@ -162,8 +162,8 @@ def sensitivity(
         from executor.sensitivity import random_prompts, sensitivity as measure, synthetic_sensitivity
         from executor.speculative import load_prompts, prompt_tensors
         from executor.weights import load_checkpoint
-    except ImportError as exc:
-        raise OffplanError(f"offplan sensitivity needs the [run] extra (pip install 'offplan[run]'): {exc.name} is missing")
+    except ModuleNotFoundError as exc:
+        raise missing_run_extra("sensitivity", exc) from None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
         task = bar.add_task("quantizing and factorising", total=None)
 
@@ -182,3 +182,9 @@ def sensitivity(
     save_rank_table(table, out)
     console.print(f"rank table of {len(table.tensors)} matrices ({table.method}) written to [bold]{out}[/]; use it "
                   f"with `offplan solve MODEL --quality max --rank-table {out}`")
+
+
+def missing_run_extra(command: str, exc: ModuleNotFoundError) -> OffplanError:
+    """`offplan run` and friends import torch lazily: a missing module means the extra is missing."""
+    return OffplanError(f"offplan {command} needs the [run] extra (pip install 'offplan[run]'): "
+                        f"{exc.name} is missing")

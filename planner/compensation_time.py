@@ -51,6 +51,6 @@ def compensation_time(tables: OptionTables, placement: Placement) -> Compensatio
             # (what it adds to the path) is branch - hidden.
             excess += max(branch_s - option.decode.hidden_cpu_s, 0.0)
             uploads += option.decode_act_h2d_s
-        path, link = timing.decode_path.total_s, timing.decode_link_s
-        exposed += max(path, link) - max(path - excess, link - uploads)
+        path, link, bus = timing.decode_path.total_s, timing.decode_link_s, timing.decode_bus_s
+        exposed += max(path, link, bus) - max(path - excess, link - uploads, bus)
     return CompensationTime(count, branch_total, branch_total - exposed, exposed)

@@ -12,17 +12,23 @@ Units: seconds (`_s`), bytes (`_bytes`), flop counts; bandwidths in the profile 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from .hardware import HardwareProfile, curve_gbps, flops_for, weight_read_gbps
+from .membus import kv_bus_s, weight_bus
 from .spec import ModelSpec, TensorSpec, Workload
 
 # Host fraction levels offered to the ILP for each layer's KV cache (oldest tokens first).
 KV_LEVELS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 # Element-wise operators per decoder layer (2 norms, rotary, 2 residual adds, activation,
-# gate product, cache append): each costs one operator overhead on the accelerator.
+# gate product, cache append): each costs one operator overhead on the accelerator, when the
+# profile has no measured per-layer overhead.
 ELEMENTWISE_OPS_PER_LAYER = 8
+# Operators whose overhead the option tables already charge: per layer 7 matmuls and the
+# attention; per step the embedding lookup and the lm_head.
+CHARGED_OPS_PER_LAYER = 8
+CHARGED_OPS_PER_HEAD = 2
 
 
 # ---- time on one resource -----------------------------------------------------------------
@@ -33,17 +39,22 @@ def roofline_s(flops: float, n_bytes: float, flops_per_s: float, bytes_per_s: fl
     return overhead_s + max(flops / flops_per_s, n_bytes / bytes_per_s)
 
 
-def acc_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0) -> float:
-    """An operator on the accelerator; `rows` (of a matmul) selects the measured GEMV speed."""
+def acc_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0,
+             weight_bytes: float = 0.0) -> float:
+    """An operator on the accelerator; `rows` and `weight_bytes` (of a matmul) select the
+    measured GEMV speed."""
     a = profile.accelerator
-    bw_gbps = weight_read_gbps(a.gemv_gbps, dtype, rows, a.mem_bw_gbps, a.gemv_efficiency)
+    bw_gbps = weight_read_gbps(a.gemv_gbps, dtype, rows, a.mem_bw_gbps, a.gemv_efficiency, weight_bytes,
+                               a.gemv_size_factor)
     return roofline_s(flops, n_bytes, flops_for(a.flops_tflops, dtype) * a.matmul_efficiency,
                       bw_gbps * 1e9, a.op_overhead_s)
 
 
-def host_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0) -> float:
+def host_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0,
+              weight_bytes: float = 0.0) -> float:
     h = profile.host
-    bw_gbps = weight_read_gbps(h.gemv_gbps, dtype, rows, h.mem_bw_gbps, h.gemv_efficiency)
+    bw_gbps = weight_read_gbps(h.gemv_gbps, dtype, rows, h.mem_bw_gbps, h.gemv_efficiency, weight_bytes,
+                               h.gemv_size_factor)
     return roofline_s(flops, n_bytes, flops_for(h.flops_tflops, dtype) * h.matmul_efficiency,
                       bw_gbps * 1e9, h.op_overhead_s)
 
@@ -184,6 +195,15 @@ class TensorOption:
     host_bytes: int  # weight storage in host memory
     comp_bytes: int  # compensation factors A, B in host memory
     recovered: float  # fraction of quantization error recovered by the branch
+    # Host memory bus (planner/membus.py): reads during its own stage, and the traffic of
+    # prefetching it, which runs during the stage before (like decode_link_s).
+    decode_bus_s: float = 0.0
+    prefill_bus_s: float = 0.0
+    decode_fetch_bus_s: float = 0.0
+    prefill_fetch_bus_s: float = 0.0
+    # Compute time the stage before loses while this weight streams in (loopback).
+    decode_fetch_slow_s: float = 0.0
+    prefill_fetch_slow_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -194,16 +214,18 @@ class KVOption:
     decode_act_h2d_s: float  # O_c and L_c sent up per step (shares the link with streaming)
     vram_bytes: int
     host_bytes: int
+    decode_bus_s: float = 0.0  # host memory bus: attention reads of one decode step
 
 
 def matmul_on_acc(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
-    return PathCost(acc_s=acc_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows))
+    return PathCost(acc_s=acc_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows,
+                                   t.n_bytes))
 
 
 def _matmul_on_host(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
-    cpu = host_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows)
+    cpu = host_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows, t.n_bytes)
     xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
     return PathCost(cpu_s=cpu, xfer_s=xfer)
 
@@ -219,7 +241,8 @@ def compensation_branch(scn: Scenario, t: TensorSpec, rank: int, rows: int) -> P
     """CPU branch (x·A)·B of a rank-`rank` residual, with x down and the correction up."""
     factor_bytes = rank * (t.rows + t.cols) * scn.act_bytes
     flops = 2.0 * rows * rank * (t.rows + t.cols)
-    cpu = host_op_s(scn.profile, scn.spec.dtype, flops, factor_bytes) + scn.profile.host.op_overhead_s
+    cpu = (host_op_s(scn.profile, scn.spec.dtype, flops, factor_bytes, rows, factor_bytes)
+           + scn.profile.host.op_overhead_s)
     xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
     return PathCost(cpu_s=cpu, xfer_s=xfer)
 
@@ -267,7 +290,18 @@ def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
                                 0, 0, W, 0, 0.0))
     options.append(TensorOption("cpu", True, 0, _matmul_on_host(scn, t, dec_rows), acc_pf,
                                 0.0, link_s, up_s(dec_rows), 0.0, 0, W, W, 0, 0.0))
-    return options
+    read_dec = W * touched_fraction(t.route_prob, dec_rows)
+    read_pf = W * touched_fraction(t.route_prob, pf_rows)
+    return [_with_bus(scn, o, read_dec, read_pf, W) for o in options]
+
+
+def _with_bus(scn: Scenario, o: TensorOption, read_decode_bytes: float, read_prefill_bytes: float,
+              weight_bytes: int) -> TensorOption:
+    bus = weight_bus(scn.profile, o.device, o.prefill_streamed, read_decode_bytes, read_prefill_bytes,
+                     weight_bytes)
+    return replace(o, decode_bus_s=bus.own_decode_s, prefill_bus_s=bus.own_prefill_s,
+                   decode_fetch_bus_s=bus.fetch_decode_s, prefill_fetch_bus_s=bus.fetch_prefill_s,
+                   decode_fetch_slow_s=bus.slow_decode_s, prefill_fetch_slow_s=bus.slow_prefill_s)
 
 
 def mean_host_tokens(host_tokens: float, start: float, end: float) -> float:
@@ -305,6 +339,13 @@ class AttentionParts:
     merge_s: float  # log-sum-exp merge on the accelerator
 
 
+def split_merge_s(profile: HardwareProfile) -> float:
+    """Fixed cost of splitting a layer's decode attention: the measured coordination overhead
+    when the profile has it, else the two operators of the log-sum-exp merge."""
+    a = profile.accelerator
+    return a.split_overhead_s if a.split_overhead_s > 0 else 2 * a.op_overhead_s
+
+
 def attention_decode_parts(scn: Scenario, host_fraction: float) -> AttentionParts:
     """One layer's decode attention with `host_fraction` of the cache on the host, piece by
     piece (the simulator schedules the pieces; attention_decode combines them)."""
@@ -323,7 +364,7 @@ def attention_decode_parts(scn: Scenario, host_fraction: float) -> AttentionPart
     q_bytes = rows * spec.heads * spec.head_dim * scn.act_bytes
     out_bytes = rows * spec.heads * (spec.head_dim + 1) * 4  # O_c and L_c in fp32
     host_s = host_attention_s(scn.profile, spec.dtype, flops_per_key * host_tokens, kv_per_key * host_tokens)
-    merge_s = scn.profile.accelerator.op_overhead_s * 2 if device_tokens > 0 else 0.0
+    merge_s = split_merge_s(scn.profile) if device_tokens > 0 else 0.0
     return AttentionParts(device_s, d2h_s(scn.profile, q_bytes), host_s, h2d_s(scn.profile, out_bytes), merge_s)
 
 
@@ -356,15 +397,38 @@ def attention_prefill(scn: Scenario, host_fraction: float) -> PathCost:
 
 def kv_options(scn: Scenario) -> list[KVOption]:
     """One option per host-fraction level; identical for every layer of a model."""
-    full_kv_bytes = scn.workload.batch * scn.workload.context * scn.spec.kv_bytes_per_token_layer
+    wl = scn.workload
+    full_kv_bytes = wl.batch * wl.context * scn.spec.kv_bytes_per_token_layer
+    kv_per_key = wl.batch * scn.spec.kv_bytes_per_token_layer
+    mean_keys = wl.prompt + wl.gen / 2.0  # the cache depth averaged over decode
     options = []
     for c in KV_LEVELS:
         host_bytes = int(round(c * full_kv_bytes))
         out_bytes = scn.decode_rows * scn.spec.heads * (scn.spec.head_dim + 1) * 4  # O_c, L_c in fp32
+        host_keys = mean_host_tokens(c * wl.context, float(wl.prompt), float(wl.context))
         options.append(KVOption(c, attention_decode(scn, c), attention_prefill(scn, c),
                                 h2d_s(scn.profile, out_bytes) if c > 0 else 0.0,
-                                full_kv_bytes - host_bytes, host_bytes))
+                                full_kv_bytes - host_bytes, host_bytes,
+                                kv_bus_s(scn.profile, kv_per_key * host_keys,
+                                         kv_per_key * (mean_keys - host_keys))))
     return options
+
+
+def layer_dispatch_s(profile: HardwareProfile) -> float:
+    """Fixed time of one decoder layer beyond its matmuls' and attention's own overhead: the
+    measured per-layer overhead when the profile has one, else an operator count."""
+    a = profile.accelerator
+    if a.layer_overhead_s > 0:
+        return max(a.layer_overhead_s - CHARGED_OPS_PER_LAYER * a.op_overhead_s, 0.0)
+    return ELEMENTWISE_OPS_PER_LAYER * a.op_overhead_s
+
+
+def head_dispatch_s(profile: HardwareProfile) -> float:
+    """Fixed time per step outside the layers (final norm, argmax, the generation loop)."""
+    a = profile.accelerator
+    if a.head_overhead_s > 0:
+        return max(a.head_overhead_s - CHARGED_OPS_PER_HEAD * a.op_overhead_s, 0.0)
+    return 3 * a.op_overhead_s
 
 
 def layer_fixed(scn: Scenario, rows: int) -> PathCost:
@@ -372,11 +436,11 @@ def layer_fixed(scn: Scenario, rows: int) -> PathCost:
     spec = scn.spec
     n_bytes = rows * (6 * spec.hidden + 3 * spec.intermediate) * scn.act_bytes
     a = scn.profile.accelerator
-    return PathCost(acc_s=ELEMENTWISE_OPS_PER_LAYER * a.op_overhead_s + n_bytes / (a.mem_bw_gbps * 1e9))
+    return PathCost(acc_s=layer_dispatch_s(scn.profile) + n_bytes / (a.mem_bw_gbps * 1e9))
 
 
 def head_fixed(scn: Scenario, rows: int) -> PathCost:
     """Final norm and the greedy argmax over the vocabulary."""
     a = scn.profile.accelerator
     n_bytes = rows * (scn.spec.hidden + scn.spec.vocab) * 4
-    return PathCost(acc_s=3 * a.op_overhead_s + n_bytes / (a.mem_bw_gbps * 1e9))
+    return PathCost(acc_s=head_dispatch_s(scn.profile) + n_bytes / (a.mem_bw_gbps * 1e9))

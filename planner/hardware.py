@@ -28,7 +28,17 @@ class Accelerator:
     gemv_efficiency: float = 0.8  # fraction of mem_bw a decode GEMV reaches
     matmul_efficiency: float = 0.7  # fraction of peak flops a prefill GEMM reaches
     op_overhead_s: float = 5e-6  # fixed cost per kernel (launch + tail), counted per matmul and per layer
+    # Measured fixed time of one decoder layer / of the rest of a decode step (embedding, head,
+    # argmax) at negligible width: every operator's dispatch. 0 = unknown (estimated from
+    # op_overhead_s and an operator count).
+    layer_overhead_s: float = 0.0
+    head_overhead_s: float = 0.0
+    # Measured extra time of one layer's decode attention when its KV cache is split between
+    # host and accelerator (staging copies, the host worker's round trip, the merge) at a
+    # negligible context. 0 = unknown (estimated as two operator overheads).
+    split_overhead_s: float = 0.0
     gemv_gbps: dict[str, Curve] = field(default_factory=dict)  # measured weight GB/s by dtype, by rows
+    gemv_size_factor: Curve = ()  # (weight bytes, batch-1 GEMV speed relative to gemv_gbps' matrix)
     used_by_others_bytes: int = 0  # memory held by other processes when profiled
     pcie_generation: int = 0  # 0 = unknown / not PCIe
     pcie_width: int = 0
@@ -57,7 +67,10 @@ class Host:
     matmul_efficiency: float = 0.6
     op_overhead_s: float = 2e-6  # fixed cost per operator call on the host
     gemv_gbps: dict[str, Curve] = field(default_factory=dict)  # measured weight GB/s by dtype, by rows
+    gemv_size_factor: Curve = ()  # (weight bytes, batch-1 GEMV speed relative to gemv_gbps' matrix)
     attention_gbps: float = 0.0  # KV bytes/s scanned by CPU attention; 0 = mem_bw * gemv_efficiency
+    bus_gbps: float = 0.0  # DRAM bytes/s while copies and matmuls run at once (planner/membus.py); 0 = mem_bw
+    copy_slowdown_s_per_gb: float = 0.0  # matmul seconds lost per GB copied beside them (measured)
     available_bytes: int = 0  # free RAM when profiled; 0 = unknown
     threads: int = 0  # threads the executor uses; 0 = cores
 
@@ -115,6 +128,10 @@ def validate_profile(p: HardwareProfile) -> None:
                          ("host.matmul_efficiency", p.host.matmul_efficiency)):
         if not 0 < value <= 1:
             raise HardwareError(f"{where}: must be in (0, 1], got {value}")
+    for where, curve in (("accelerator.gemv_size_factor", p.accelerator.gemv_size_factor),
+                         ("host.gemv_size_factor", p.host.gemv_size_factor)):
+        if any(size <= 0 or factor <= 0 for size, factor in curve):
+            raise HardwareError(f"{where}: sizes and factors must be positive")
     for name in ("h2d_curve", "d2h_curve", "h2d_pageable_curve", "d2h_pageable_curve"):
         curve = getattr(p.link, name)
         if any(size <= 0 or gbps <= 0 for size, gbps in curve):
@@ -144,14 +161,17 @@ def curve_gbps(curve: Curve, size_bytes: float, flat_gbps: float) -> float:
 
 
 def weight_read_gbps(gemv_gbps: dict[str, Curve], dtype: str, rows: float, mem_bw_gbps: float,
-                     gemv_efficiency: float) -> float:
+                     gemv_efficiency: float, weight_bytes: float = 0.0, size_factor: Curve = ()) -> float:
     """GB/s at which a matmul of `rows` input rows streams its `dtype` weights: the measured
     curve when the profile has one for that dtype (matrix-vector kernels get slower per byte
-    as rows grow on CPUs), else the datasheet bandwidth times the GEMV efficiency."""
+    as rows grow on CPUs), else the datasheet bandwidth times the GEMV efficiency; scaled by
+    the measured size factor at `weight_bytes` (small matrices stream slower than the
+    profiler's reference matrix: per-call start-up, prefetchers, too few blocks to fill a GPU)."""
     curve = gemv_gbps.get(dtype)
-    if curve:
-        return curve_gbps(curve, max(rows, 1.0), mem_bw_gbps * gemv_efficiency)
-    return mem_bw_gbps * gemv_efficiency
+    base = curve_gbps(curve, max(rows, 1.0), mem_bw_gbps * gemv_efficiency) if curve else mem_bw_gbps * gemv_efficiency
+    if weight_bytes > 0 and size_factor:
+        return base * curve_gbps(size_factor, weight_bytes, 1.0)
+    return base
 
 
 def flops_for(flops_tflops: dict[str, float], dtype: str) -> float:

@@ -78,7 +78,14 @@ def _accelerator_rows(p: HardwareProfile) -> list[Row]:
              ("matmul efficiency", f"{a.matmul_efficiency:.0%} of peak", "accelerator.matmul_efficiency"),
              ("GEMV efficiency", f"{a.gemv_efficiency:.0%} of memory bandwidth",
               "accelerator.gemv_efficiency"),
+             *_size_rows("accelerator", a.gemv_size_factor),
              ("operator overhead", fmt_time(a.op_overhead_s), "accelerator.op_overhead_s")]
+    if a.layer_overhead_s:
+        rows.append(("decode overhead", f"{fmt_time(a.layer_overhead_s)} per layer, "
+                     f"{fmt_time(a.head_overhead_s)} per step", "accelerator.layer_overhead_s"))
+    if a.split_overhead_s:
+        rows.append(("split KV attention", f"+{fmt_time(a.split_overhead_s)} per layer",
+                     "accelerator.split_overhead_s"))
     if a.pcie_generation and a.pcie_width:
         rows.append(("PCIe", f"gen{a.pcie_generation} x{a.pcie_width} "
                      f"({fmt_rate(pcie_gbps(a.pcie_generation, a.pcie_width))} GB/s per direction)",
@@ -110,13 +117,27 @@ def _host_rows(p: HardwareProfile) -> list[Row]:
                        ("memory", fmt_bytes(h.memory_bytes), "host.memory_bytes")]
     if h.available_bytes:
         rows.append(("available", fmt_bytes(h.available_bytes), "host.available_bytes"))
+    bus = (f"{fmt_rate(h.bus_gbps)} GB/s with streaming and matmuls at once" if h.bus_gbps
+           else "= memory bandwidth (not measured)")
     rows += [("memory bandwidth", f"{fmt_rate(h.mem_bw_gbps)} GB/s", "host.mem_bw_gbps"),
+             ("memory bus", bus, "host.bus_gbps"),
+             *([("matmuls beside a copy", f"{h.copy_slowdown_s_per_gb * 1e3:.2g} ms slower per GB copied",
+                 "host.copy_slowdown_s_per_gb")] if h.copy_slowdown_s_per_gb else []),
              *_flops_rows("host", h.flops_tflops),
              ("matmul efficiency", f"{h.matmul_efficiency:.0%} of peak", "host.matmul_efficiency"),
              ("GEMV efficiency", f"{h.gemv_efficiency:.0%} of memory bandwidth", "host.gemv_efficiency"),
+             *_size_rows("host", h.gemv_size_factor),
              ("operator overhead", fmt_time(h.op_overhead_s), "host.op_overhead_s"),
              ("attention", attention, "host.attention_gbps")]
     return rows
+
+
+def _size_rows(prefix: str, factor) -> list[Row]:
+    """The GEMV size factor as one row: '2M 71% · 16M 86% · 64M 100%'."""
+    if not factor:
+        return []
+    points = " · ".join(f"{fmt_size_short(size)} {f:.0%}" for size, f in factor)
+    return [("GEMV by matrix size", points, f"{prefix}.gemv_size_factor")]
 
 
 def _reserve_rows(p: HardwareProfile) -> list[Row]:

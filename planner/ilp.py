@@ -250,6 +250,13 @@ def build_problem(tables: OptionTables, options: SolverOptions, margin_bytes: tu
             expr += pulp.lpSum(o.decode_act_h2d_s * MS * v for o, v in zip(tables.kv, z[g]))
         return expr
 
+    def own_bus(g, phase):
+        """Host memory bus time of unit g's own reads (planner/membus.py)."""
+        expr = unit_sum(g, f"{phase}_bus_s", MS)
+        if g < len(groups) and phase == "decode":
+            expr += pulp.lpSum(o.decode_bus_s * MS * v for o, v in zip(tables.kv, z[g]))
+        return expr
+
     def unit_path(g, phase):
         fixed = (tables.fixed_decode if phase == "decode" else tables.fixed_prefill)[
             head.name if g == len(groups) else tables.stages[groups[g][0]].name]
@@ -283,22 +290,32 @@ def build_problem(tables: OptionTables, options: SolverOptions, margin_bytes: tu
     for g, vars_ in enumerate(z):
         prob += pulp.lpSum(vars_) == 1, f"one_kv_level_{g}"
 
-    # ---- constraints: stage time = max(compute path, prefetch of the next stage) --------
+    # ---- constraints: stage time = max(compute path, prefetch of the next stage, memory bus)
     # Inside a group a layer is followed by an identical one; the group's last layer is
     # followed by the next group's first (the head wraps to layer 0 for decode).
     for g in range(n_units):
         nxt = (g + 1) % n_units
         path_dec, path_pf = unit_path(g, "decode"), unit_path(g, "prefill")
-        prob += t_out_dec[g] >= path_dec, f"decode_path_{g}"
+        # Compute slows while the following unit streams in (loopback; planner/membus.py).
+        slow_pf = unit_sum(nxt, "prefill_fetch_slow_s", MS) if g + 1 < n_units else 0
+        prob += t_out_dec[g] >= path_dec + unit_sum(nxt, "decode_fetch_slow_s", MS), f"decode_path_{g}"
         prob += t_out_dec[g] >= unit_sum(nxt, "decode_link_s", MS) + own_link(g, "decode"), f"decode_link_{g}"
-        prob += t_out_pf[g] >= path_pf, f"prefill_path_{g}"
+        prob += t_out_pf[g] >= path_pf + slow_pf, f"prefill_path_{g}"
         next_pf = unit_sum(nxt, "prefill_link_s", MS) if g + 1 < n_units else 0
         prob += t_out_pf[g] >= next_pf + own_link(g, "prefill"), f"prefill_link_{g}"
+        prob += t_out_dec[g] >= own_bus(g, "decode") + unit_sum(nxt, "decode_fetch_bus_s", MS), \
+            f"decode_memory_bus_{g}"
+        next_fetch_pf = unit_sum(nxt, "prefill_fetch_bus_s", MS) if g + 1 < n_units else 0
+        prob += t_out_pf[g] >= own_bus(g, "prefill") + next_fetch_pf, f"prefill_memory_bus_{g}"
         if g < len(groups) and sizes[g] > 1:
-            prob += t_in_dec[g] >= path_dec, f"decode_path_inner_{g}"
+            prob += t_in_dec[g] >= own_bus(g, "decode") + unit_sum(g, "decode_fetch_bus_s", MS), \
+                f"decode_memory_bus_inner_{g}"
+            prob += t_in_pf[g] >= own_bus(g, "prefill") + unit_sum(g, "prefill_fetch_bus_s", MS), \
+                f"prefill_memory_bus_inner_{g}"
+            prob += t_in_dec[g] >= path_dec + unit_sum(g, "decode_fetch_slow_s", MS), f"decode_path_inner_{g}"
             prob += t_in_dec[g] >= unit_sum(g, "decode_link_s", MS) + own_link(g, "decode"), \
                 f"decode_link_inner_{g}"
-            prob += t_in_pf[g] >= path_pf, f"prefill_path_inner_{g}"
+            prob += t_in_pf[g] >= path_pf + unit_sum(g, "prefill_fetch_slow_s", MS), f"prefill_path_inner_{g}"
             prob += t_in_pf[g] >= unit_sum(g, "prefill_link_s", MS) + own_link(g, "prefill"), \
                 f"prefill_link_inner_{g}"
         prob += buffer_gib >= unit_sum(g, "buffer_bytes", 1 / GIB), f"buffer_{g}"

@@ -17,7 +17,7 @@ from .errors import PlanError
 from .placement import Placement, check_placement
 from .spec import TensorSpec
 
-RESOURCES = ("accelerator", "cpu", "transfers", "link")
+RESOURCES = ("accelerator", "cpu", "transfers", "link", "memory")
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,24 @@ class StageTime:
     decode_link_s: float  # h2d link: prefetch of the next stage + this stage's activations going up
     prefill_path: PathCost
     prefill_link_s: float
+    decode_bus_s: float = 0.0  # host memory bus: this stage's reads + prefetch of the next stage
+    prefill_bus_s: float = 0.0
 
     @property
     def decode_s(self) -> float:
-        return max(self.decode_path.total_s, self.decode_link_s)
+        return max(self.decode_path.total_s, self.decode_link_s, self.decode_bus_s)
 
     @property
     def prefill_s(self) -> float:
-        return max(self.prefill_path.total_s, self.prefill_link_s)
+        return max(self.prefill_path.total_s, self.prefill_link_s, self.prefill_bus_s)
+
+    def bound(self, phase: str) -> str:
+        """What sets this stage's time: `path` (compute and transfers), `link` or `memory`."""
+        path, link, bus = ((self.decode_path.total_s, self.decode_link_s, self.decode_bus_s) if phase == "decode"
+                           else (self.prefill_path.total_s, self.prefill_link_s, self.prefill_bus_s))
+        if bus > max(path, link):
+            return "memory"
+        return "link" if link > path else "path"
 
 
 @dataclass(frozen=True)
@@ -140,12 +150,14 @@ class Prediction:
         return self.vram.fits and self.host.fits
 
     def by_resource(self, phase: str) -> dict[str, float]:
-        """Seconds of the critical path spent on each resource (`link` = exposed streaming)."""
+        """Seconds of the critical path spent on each resource (`link` = exposed streaming,
+        `memory` = stages held up by the host memory bus)."""
         out = dict.fromkeys(RESOURCES, 0.0)
         for s in self.stages:
-            path, link = (s.decode_path, s.decode_link_s) if phase == "decode" else (s.prefill_path, s.prefill_link_s)
-            if link > path.total_s:
-                out["link"] += link
+            path = s.decode_path if phase == "decode" else s.prefill_path
+            bound = s.bound(phase)
+            if bound != "path":
+                out[bound] += s.decode_s if phase == "decode" else s.prefill_s
             else:
                 out["accelerator"] += path.acc_s
                 out["cpu"] += path.cpu_s
@@ -188,6 +200,7 @@ def predict(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOp
     """Aggregate chosen options into a Prediction (the same sums the ILP encodes)."""
     scn, stages = tables.scenario, tables.stages
     paths_d, paths_p, links_d, links_p, buffers, own_d, own_p = [], [], [], [], [], [], []
+    bus_d, bus_p, fetch_d, fetch_p = [], [], [], []
     for st in stages:
         opts = [tensor[t.name] for t in st.tensors]
         pd, pp = tables.fixed_decode[st.name], tables.fixed_prefill[st.name]
@@ -204,10 +217,22 @@ def predict(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOp
                      + (kv[st.layer].decode_act_h2d_s if st.layer is not None else 0.0))
         own_p.append(sum(o.prefill_act_h2d_s for o in opts))
         buffers.append(sum(o.buffer_bytes for o in opts))
+        bus_d.append(sum(o.decode_bus_s for o in opts) + (kv[st.layer].decode_bus_s if st.layer is not None else 0.0))
+        bus_p.append(sum(o.prefill_bus_s for o in opts))
+        fetch_d.append(sum(o.decode_fetch_bus_s for o in opts))
+        fetch_p.append(sum(o.prefill_fetch_bus_s for o in opts))
     n = len(stages)
+    # Compute slows while the next stage's weights stream in beside it (loopback, membus.py).
+    for i in range(n):
+        slow_d = sum(tensor[t.name].decode_fetch_slow_s for t in stages[(i + 1) % n].tensors)
+        slow_p = sum(tensor[t.name].prefill_fetch_slow_s for t in stages[i + 1].tensors) if i + 1 < n else 0.0
+        paths_d[i] = paths_d[i] + PathCost(acc_s=slow_d)
+        paths_p[i] = paths_p[i] + PathCost(acc_s=slow_p)
     # Decode is cyclic: while stage s computes, stage s+1 (the head wraps to layer 0) streams in.
     times = tuple(StageTime(st.name, paths_d[i], links_d[(i + 1) % n] + own_d[i], paths_p[i],
-                            (links_p[i + 1] if i + 1 < n else 0.0) + own_p[i]) for i, st in enumerate(stages))
+                            (links_p[i + 1] if i + 1 < n else 0.0) + own_p[i],
+                            bus_d[i] + fetch_d[(i + 1) % n], bus_p[i] + (fetch_p[i + 1] if i + 1 < n else 0.0))
+                  for i, st in enumerate(stages))
     vram, host = memory_use(tables, tensor, kv, max(buffers, default=0))
     recov = [o.recovered for o in tensor.values() if scn.spec.quantization and o.device != "cpu"]
     quantized = [t for t in scn.spec.tensors() if t.group in ("attn", "mlp")]

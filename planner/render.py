@@ -12,7 +12,7 @@ from .spec import ModelSpec
 from .units import fmt_bytes, fmt_seconds
 
 RESOURCE_WORDS = {"accelerator": "accelerator compute", "cpu": "CPU compute", "transfers": "activation transfers",
-                  "link": "weight streaming (PCIe)"}
+                  "link": "weight streaming (PCIe)", "memory": "host memory bandwidth"}
 
 
 def _devices_phrase(names_devices: list[tuple[str, str]]) -> str:

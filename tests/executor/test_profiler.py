@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from executor import measure, profiler
+from executor import measure, profiler, timing
 from executor.measure import Figure, Settings, Target, Timing
 from planner.cost import h2d_s
 from planner.errors import HardwareError
@@ -163,9 +163,9 @@ def test_parse_proc_files():
 
 
 def test_relative_spread_is_iqr_over_median():
-    assert measure.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
-    assert measure.relative_spread([2.0, 2.0, 4.0]) == pytest.approx(1.0)  # (max - min) / median
-    assert measure.relative_spread([1.0, 1.0, 1.0, 1.0]) == measure.MIN_SPREAD
+    assert timing.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
+    assert timing.relative_spread([2.0, 2.0, 4.0]) == pytest.approx(1.0)  # (max - min) / median
+    assert timing.relative_spread([1.0, 1.0, 1.0, 1.0]) == timing.MIN_SPREAD
 
 
 SYNTH = Settings(link_sizes_bytes=(64 * 1024, MIB, 64 * MIB), warmup=0, repeats=1, latency_calls=1,
@@ -196,8 +196,21 @@ def test_compute_figures_take_the_best_shape_and_clamp_gemv_efficiency():
                "host.gemm.bf16.1": Timing(2 * 128**3 / 2e11, 0.2, 3),  # 0.2 TFLOPS: the best
                "host.gemv.bf16.1": Timing(weight_bytes / 25e9, 0.05, 3),  # faster than the copy
                "host.gemv.bf16.8": Timing(weight_bytes / 10e9, 0.05, 3),
-               "host.overhead": Timing(2e-6, 0.3, 3)}
+               "host.overhead": Timing(2e-6, 0.3, 3),
+               "host.decoder.2": Timing(2 * 100e-6 + 50e-6, 0.02, 3),  # 100 µs a layer, 50 µs a step
+               "host.decoder.6": Timing(6 * 100e-6 + 50e-6, 0.02, 3),
+               "host.attention.device": Timing(80e-6, 0.02, 3),
+               "host.attention.split": Timing(200e-6, 0.02, 3)}
     c = measure.compute_figures(target, timings, SYNTH)
+    assert c.layer_overhead_s.value == pytest.approx(100e-6)
+    assert c.head_overhead_s.value == pytest.approx(50e-6)
+    assert c.split_overhead_s.value == pytest.approx(120e-6)
+    assert c.gemv_size_factor() == ()  # SYNTH times no sizes
+    sized = replace(SYNTH, gemv_size_shapes=((256, 1024),))
+    small = 256 * 1024 * 2
+    c_sized = measure.compute_figures(target, {**timings, "host.gemv_size.256x1024": Timing(small / 12.5e9, 0.1, 3)},
+                                      sized)
+    assert c_sized.gemv_size_factor() == ((float(small), 0.5), (float(weight_bytes), 1.0))  # 12.5 / 25 GB/s
     assert c.mem_bw_gbps.value == pytest.approx(20.0)
     assert c.flops_tflops["bf16"] == Figure(0.2, 0.2)
     assert c.gemv_efficiency().value == 1.0  # 25 GB/s / 20 GB/s, clamped

@@ -35,11 +35,14 @@ def _spec(**overrides) -> ModelSpec:
 
 
 def _profile(vram_bytes: int = 8 * GIB, host_bw_gbps: float = 40.0, host_op_s: float = 2e-6) -> HardwareProfile:
+    """The simulator does not model the host memory bus (planner/membus.py): a bus far faster
+    than the link keeps that term from binding, so ILP and simulator model the same thing."""
     return HardwareProfile(
         name="sim-test",
         accelerator=Accelerator("test accelerator", vram_bytes, 200.0, {"bf16": 40.0, "fp32": 10.0}),
         link=Link(h2d_gbps=8.0, d2h_gbps=8.0, latency_s=1e-5),
-        host=Host("test host", 8, 64 * GIB, host_bw_gbps, {"bf16": 0.4, "fp32": 0.4}, op_overhead_s=host_op_s),
+        host=Host("test host", 8, 64 * GIB, host_bw_gbps, {"bf16": 0.4, "fp32": 0.4}, op_overhead_s=host_op_s,
+                  bus_gbps=1000.0),
         source=Source("datasheet"))
 
 

@@ -1,0 +1,112 @@
+"""How much host memory bandwidth weight streaming and compute get when they run at once.
+
+The executor copies the next stage's weights on a copy thread (loopback) or by DMA (CUDA)
+while the current stage computes; on loopback the compute reads DRAM too, and on both a
+CPU-computed matmul does. Timing each alone overstates what they reach together, because
+they share the memory bus (planner/membus.py). This probe runs both at once, as the
+executor does, for a fixed time, and reports the host DRAM traffic they achieved together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .measure import COLD_POOL_BYTES, host_buffer
+from .timing import DTYPES, relative_spread
+
+COPY_BYTES = 16 * 2**20  # one prefetch copy: a decoder layer of a small model
+DEVICE_BUFFER_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class BusFigure:
+    copy_gbps: float  # link bytes/s while the matmuls ran
+    gemv_gbps: float  # weight bytes/s the matmuls read while the copy ran
+    gemv_alone_gbps: float  # the same matmuls with no copy running
+    dram_gbps: float  # host DRAM bytes/s of both together
+    spread: float  # relative spread of dram_gbps over the runs
+
+    @property
+    def slowdown_s_per_gb(self) -> float:
+        """Matmul seconds lost per GB copied at the same time: the matmuls ran at gemv_gbps
+        instead of gemv_alone_gbps while copy_gbps went by (0 when they did not slow)."""
+        lost_fraction = max(1.0 - self.gemv_gbps / self.gemv_alone_gbps, 0.0)
+        return lost_fraction / self.copy_gbps if self.copy_gbps > 0 else 0.0
+
+
+def _cuda_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """A pinned host-to-device copy, waited for on this (the copy) thread only."""
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.current_stream(dst.device).synchronize()
+
+
+def _cpu_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """CPU twin: the loopback copy thread's plain copy."""
+    dst.copy_(src)
+
+
+def _copy_loop(device: torch.device, stop: threading.Event, counted: list[int]) -> None:
+    """Copies COPY_BYTES pieces from a cold host pool to a device buffer until `stop`."""
+    cuda = device.type == "cuda"
+    pool = host_buffer(max(COLD_POOL_BYTES, 2 * COPY_BYTES), pinned=cuda)  # [pool_bytes]
+    dev = torch.empty(DEVICE_BUFFER_BYTES, dtype=torch.uint8, device=device)  # [buffer_bytes]
+    sources = itertools.cycle(range(0, pool.numel() - COPY_BYTES + 1, COPY_BYTES))
+    targets = itertools.cycle(range(0, DEVICE_BUFFER_BYTES - COPY_BYTES + 1, COPY_BYTES))
+    copy = _cuda_copy if cuda else _cpu_copy
+    while not stop.is_set():
+        s, d = next(sources), next(targets)
+        copy(dev[d:d + COPY_BYTES], pool[s:s + COPY_BYTES])
+        counted[0] += COPY_BYTES
+
+
+def _gemv_run(weights: list[torch.Tensor], x: torch.Tensor, duration_s: float) -> tuple[int, float]:
+    """Matrix-vector products cycling through `weights` for about `duration_s`."""
+    calls, start = 0, time.perf_counter()
+    for w in itertools.cycle(weights):
+        torch.nn.functional.linear(x, w)
+        calls += 1
+        if calls % len(weights) == 0 and time.perf_counter() - start >= duration_s:
+            break
+    return calls * weights[0].numel() * weights[0].element_size(), time.perf_counter() - start
+
+
+def bus_figure(copy_device: torch.device, dtype: str, gemv_shape: tuple[int, int], duration_s: float,
+               repeats: int) -> BusFigure:
+    """Host-side matmuls (batch 1, weights cycled cold) while a copy thread streams to
+    `copy_device`; the median of `repeats` runs of `duration_s` each. Copy traffic counts
+    twice on loopback (the copy reads and writes host memory), once over a real link."""
+    out_f, in_f = gemv_shape
+    tdt = DTYPES[dtype]
+    n_weights = max(2, -(-COLD_POOL_BYTES // (out_f * in_f * tdt.itemsize)))
+    weights = [torch.randn(out_f, in_f, dtype=tdt) for _ in range(n_weights)]  # [out, in] each
+    x = torch.randn(1, in_f, dtype=tdt)  # [1, in]
+    copy_factor = 1 if copy_device.type == "cuda" else 2
+    _gemv_run(weights, x, 0.0)  # warm-up
+    alone = []
+    for _ in range(repeats):
+        read_bytes, elapsed_s = _gemv_run(weights, x, duration_s / 2)
+        alone.append(read_bytes / elapsed_s / 1e9)
+    runs: list[tuple[float, float, float]] = []
+    for _ in range(repeats):
+        stop, counted = threading.Event(), [0]
+        copier = threading.Thread(target=_copy_loop, args=(copy_device, stop, counted), daemon=True)
+        copier.start()
+        while counted[0] == 0 and copier.is_alive():  # the copier's pool is allocated and running
+            time.sleep(0.001)
+        copied_before, t0 = counted[0], time.perf_counter()
+        read_bytes, _ = _gemv_run(weights, x, duration_s)
+        copied, elapsed_s = counted[0] - copied_before, time.perf_counter() - t0
+        stop.set()
+        copier.join()
+        runs.append((copied / elapsed_s / 1e9, read_bytes / elapsed_s / 1e9,
+                     (copy_factor * copied + read_bytes) / elapsed_s / 1e9))
+    dram = [r[2] for r in runs]
+    median = statistics.median(dram)
+    best = min(runs, key=lambda r: abs(r[2] - median))
+    return BusFigure(best[0], best[1], statistics.median(alone), median, relative_spread(dram))

@@ -1,0 +1,97 @@
+"""The fixed cost of a decode step that no byte or flop count explains.
+
+A decode step of the executor's decoder calls some forty small operators per layer (norms,
+rotary embedding, views, cache append, attention, residual adds) and a few more for the
+embedding, final norm, lm_head and argmax. At batch 1 each costs its dispatch (Python, the
+PyTorch dispatcher, a kernel launch) rather than its bytes. The profiler measures that cost
+directly: it times decode steps of the same decoder at a negligible width with two depths;
+the difference per extra layer is the per-layer overhead, the rest is the per-step overhead
+of embedding + head. Using the real model code keeps the figure honest as the model changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from planner.spec import ModelSpec
+
+from .attention import HybridKVCache
+from .model import Transformer
+from .timing import DTYPES, Timing, time_runs
+
+SHALLOW_LAYERS, DEEP_LAYERS = 2, 6
+PROMPT_TOKENS = 32  # cache depth while timing; tiny, so attention costs only its dispatch
+# Calls per timed run: steps are ~0.1-1 ms, so several per run beat timer jitter.
+STEPS_PER_RUN = 20
+
+
+def overhead_spec(layers: int) -> ModelSpec:
+    """A Llama-shaped decoder so narrow that its matmuls cost only their dispatch."""
+    return ModelSpec(name=f"overhead-probe-{layers}", family="llama", layers=layers, hidden=64,
+                     intermediate=128, heads=4, kv_heads=2, vocab=256, dtype="fp32",
+                     max_context=PROMPT_TOKENS + 8)
+
+
+def decode_step_timing(device: torch.device, dtype: str, layers: int, warmup: int, repeats: int) -> Timing:
+    """One greedy decode step (forward of one token, argmax) of a `layers`-deep probe model
+    with a KV cache of PROMPT_TOKENS; the cache is cut back after each step."""
+    spec = overhead_spec(layers)
+    model = Transformer(spec, DTYPES[dtype]).to(device)
+    model.setup_caches(1, spec.max_context, device=device)
+    prompt = torch.zeros(1, PROMPT_TOKENS, dtype=torch.long, device=device)  # [1, prompt]
+    model(prompt, last_only=True)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+
+    def step() -> torch.Tensor:
+        logits = model(token, last_only=True)  # [1, 1, vocab]
+        model.truncate_caches(PROMPT_TOKENS)
+        return logits.argmax(dim=-1)  # [1, 1]
+
+    return time_runs(step, device, warmup, repeats, calls=STEPS_PER_RUN)
+
+
+@dataclass(frozen=True)
+class StepOverhead:
+    layer_s: float  # per decoder layer
+    head_s: float  # per step: embedding, final norm, lm_head, argmax, the loop itself
+    spread: float  # relative spread of the deeper timing
+
+
+def split_overhead(shallow: Timing, deep: Timing) -> StepOverhead:
+    """Per-layer and per-step parts from steps of SHALLOW_LAYERS and DEEP_LAYERS layers."""
+    layer_s = max(deep.median_s - shallow.median_s, 0.0) / (DEEP_LAYERS - SHALLOW_LAYERS)
+    head_s = max(shallow.median_s - SHALLOW_LAYERS * layer_s, 0.0)
+    return StepOverhead(layer_s, head_s, deep.spread)
+
+
+def split_attention_timing(device: torch.device, dtype: str, host_fraction: float, warmup: int,
+                           repeats: int) -> Timing:
+    """One decode token's attention through the executor's HybridKVCache over PROMPT_TOKENS
+    keys, `host_fraction` of them on the host: at this size the time is all coordination
+    (staging copies, the host worker's round trip, the merge) and dispatch."""
+    kv_heads, group, head_dim, max_tokens = 2, 2, 16, PROMPT_TOKENS + 8
+    tdt = DTYPES[dtype]
+    host_tokens = int(round(host_fraction * PROMPT_TOKENS))
+    cache = HybridKVCache(1, max_tokens, kv_heads, head_dim, tdt, device, host_tokens=host_tokens,
+                          cpu_threads=torch.get_num_threads(), timed=False)
+
+    def rand(heads: int, t: int) -> torch.Tensor:
+        return torch.randn(1, heads, t, head_dim, dtype=tdt, device=device)  # [1, heads, t, head_dim]
+
+    cache.attend(rand(kv_heads * group, PROMPT_TOKENS), rand(kv_heads, PROMPT_TOKENS), rand(kv_heads, PROMPT_TOKENS))
+    q, k, v = rand(kv_heads * group, 1), rand(kv_heads, 1), rand(kv_heads, 1)
+
+    def step() -> torch.Tensor:
+        out = cache.attend(q, k, v)  # [1, heads, 1, head_dim]
+        cache.truncate(PROMPT_TOKENS)
+        return out
+
+    with cache:
+        return time_runs(step, device, warmup, repeats, calls=STEPS_PER_RUN)
+
+
+def split_overhead_s(split: Timing, device_only: Timing) -> float:
+    """What splitting the KV cache adds to one layer's decode attention, beyond the work."""
+    return max(split.median_s - device_only.median_s, 0.0)
