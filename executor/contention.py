@@ -26,18 +26,21 @@ DEVICE_BUFFER_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class BusFigure:
+    """Means over the probe's runs."""
+
     copy_gbps: float  # link bytes/s while the matmuls ran
     gemv_gbps: float  # weight bytes/s the matmuls read while the copy ran
     gemv_alone_gbps: float  # the same matmuls with no copy running
     dram_gbps: float  # host DRAM bytes/s of both together
+    slowdown_s_per_gb: float  # matmul seconds lost per GB copied beside them
     spread: float  # relative spread of dram_gbps over the runs
 
-    @property
-    def slowdown_s_per_gb(self) -> float:
-        """Matmul seconds lost per GB copied at the same time: the matmuls ran at gemv_gbps
-        instead of gemv_alone_gbps while copy_gbps went by (0 when they did not slow)."""
-        lost_fraction = max(1.0 - self.gemv_gbps / self.gemv_alone_gbps, 0.0)
-        return lost_fraction / self.copy_gbps if self.copy_gbps > 0 else 0.0
+
+def slowdown_s_per_gb(copy_gbps: float, gemv_gbps: float, gemv_alone_gbps: float) -> float:
+    """The matmuls ran at gemv_gbps instead of gemv_alone_gbps while copy_gbps went by: the
+    fraction of their time lost, per GB copied (0 when they did not slow)."""
+    lost_fraction = max(1.0 - gemv_gbps / gemv_alone_gbps, 0.0)
+    return lost_fraction / copy_gbps if copy_gbps > 0 else 0.0
 
 
 def _cuda_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -78,9 +81,14 @@ def _gemv_run(weights: list[torch.Tensor], x: torch.Tensor, duration_s: float) -
 
 def bus_figure(copy_device: torch.device, dtype: str, gemv_shape: tuple[int, int], duration_s: float,
                repeats: int) -> BusFigure:
-    """Host-side matmuls (batch 1, weights cycled cold) while a copy thread streams to
-    `copy_device`; the median of `repeats` runs of `duration_s` each. Copy traffic counts
-    twice on loopback (the copy reads and writes host memory), once over a real link."""
+    """Host-side matmuls (batch 1, weights cycled cold) alone, then while a copy thread streams
+    to `copy_device`, `repeats` times, `duration_s` each. Copy traffic counts twice on loopback
+    (the copy reads and writes host memory), once over a real link.
+
+    Each run pairs an alone and a shared measurement, and the figures are means over the runs:
+    on a shared or virtual machine how much the two slow each other changes over seconds
+    (here between 2 and 16 ms per GB copied), and the mean is the best single figure for the
+    minutes a run takes."""
     out_f, in_f = gemv_shape
     tdt = DTYPES[dtype]
     n_weights = max(2, -(-COLD_POOL_BYTES // (out_f * in_f * tdt.itemsize)))
@@ -88,12 +96,9 @@ def bus_figure(copy_device: torch.device, dtype: str, gemv_shape: tuple[int, int
     x = torch.randn(1, in_f, dtype=tdt)  # [1, in]
     copy_factor = 1 if copy_device.type == "cuda" else 2
     _gemv_run(weights, x, 0.0)  # warm-up
-    alone = []
+    runs: list[tuple[float, float, float, float]] = []  # copy, gemv, gemv alone, dram GB/s
     for _ in range(repeats):
-        read_bytes, elapsed_s = _gemv_run(weights, x, duration_s / 2)
-        alone.append(read_bytes / elapsed_s / 1e9)
-    runs: list[tuple[float, float, float]] = []
-    for _ in range(repeats):
+        read_alone, alone_s = _gemv_run(weights, x, duration_s / 2)
         stop, counted = threading.Event(), [0]
         copier = threading.Thread(target=_copy_loop, args=(copy_device, stop, counted), daemon=True)
         copier.start()
@@ -104,9 +109,8 @@ def bus_figure(copy_device: torch.device, dtype: str, gemv_shape: tuple[int, int
         copied, elapsed_s = counted[0] - copied_before, time.perf_counter() - t0
         stop.set()
         copier.join()
-        runs.append((copied / elapsed_s / 1e9, read_bytes / elapsed_s / 1e9,
+        runs.append((copied / elapsed_s / 1e9, read_bytes / elapsed_s / 1e9, read_alone / alone_s / 1e9,
                      (copy_factor * copied + read_bytes) / elapsed_s / 1e9))
-    dram = [r[2] for r in runs]
-    median = statistics.median(dram)
-    best = min(runs, key=lambda r: abs(r[2] - median))
-    return BusFigure(best[0], best[1], statistics.median(alone), median, relative_spread(dram))
+    copy, gemv, alone, dram = (statistics.fmean(column) for column in zip(*runs))
+    return BusFigure(copy, gemv, alone, dram, statistics.fmean(slowdown_s_per_gb(*r[:3]) for r in runs),
+                     relative_spread([r[3] for r in runs]))

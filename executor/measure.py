@@ -170,6 +170,7 @@ class Settings:
     attention_tokens: int
     gemv_size_shapes: tuple[tuple[int, int], ...] = ()  # (out, in) timed at batch 1 for the size factor
     bus_seconds: float = 0.3  # per run of the streaming-and-matmul probe (executor/contention.py)
+    bus_runs: int = 8  # its runs: the slowdown drifts over seconds on shared machines
 
 
 @dataclass(frozen=True)

@@ -61,19 +61,20 @@ FULL = Settings(
     cpu_gemm_shapes=((512, 2048, 2048), (1024, 4096, 4096)),
     cuda_gemm_shapes=((2048, 4096, 4096), (4096, 8192, 8192)),
     gemv_shape=(4096, 4096), gemv_batches=(1, 4, 16, 64), attention_tokens=65536,
-    gemv_size_shapes=((512, 1024), (1024, 2048), (2048, 2048), (8192, 2048), (16384, 4096)), bus_seconds=1.0)
+    gemv_size_shapes=((512, 1024), (1024, 2048), (2048, 2048), (8192, 2048), (16384, 4096)),
+    bus_seconds=0.5, bus_runs=16)
 QUICK = Settings(
     link_sizes_bytes=(64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB),
     warmup=1, repeats=5, latency_calls=100, overhead_calls=100, copy_bytes=256 * MIB,
     cpu_gemm_shapes=((512, 2048, 2048),), cuda_gemm_shapes=((4096, 8192, 8192),),
     gemv_shape=(4096, 4096), gemv_batches=(1, 16, 64), attention_tokens=32768,
-    gemv_size_shapes=((512, 1024), (2048, 2048), (16384, 4096)), bus_seconds=0.3)
+    gemv_size_shapes=((512, 1024), (2048, 2048), (16384, 4096)), bus_seconds=0.3, bus_runs=8)
 TINY = Settings(  # tests: same code paths, seconds instead of minutes; figures are rougher
     link_sizes_bytes=(64 * KIB, 1 * MIB, 64 * MIB),
     warmup=1, repeats=3, latency_calls=50, overhead_calls=50, copy_bytes=64 * MIB,
     cpu_gemm_shapes=((256, 1024, 1024),), cuda_gemm_shapes=((1024, 2048, 2048),),
     gemv_shape=(2048, 2048), gemv_batches=(1,), attention_tokens=8192,
-    gemv_size_shapes=((512, 512),), bus_seconds=0.05)
+    gemv_size_shapes=((512, 512),), bus_seconds=0.05, bus_runs=1)
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def _profile_with(settings: Settings, threads: int | None, report: Progress, hos
                                       targets, report)
         report("host memory bus: streaming and matmuls at once", 1.0)
         bus = bus_figure(gpu.device if gpu else cpu, host_target.dtypes[0], settings.gemv_shape,
-                         settings.bus_seconds, settings.repeats)
+                         settings.bus_seconds, settings.bus_runs)
     link, link_spread = measure.link_figures(timings, settings, pageable_measured=gpu is not None)
     figures = _Figures(cpu=measure.compute_figures(host_target, timings, settings),
                        attention=measure.attention_figure(timings, settings),

@@ -46,6 +46,10 @@ def assert_sane(p: HardwareProfile, threads: int) -> None:
     assert 0 < a.gemv_efficiency <= 1 and 0 < h.gemv_efficiency <= 1
     assert a.matmul_efficiency == 1.0 and h.matmul_efficiency == 1.0
     assert 0.1 <= h.attention_gbps <= 1000
+    # what a decode step costs beyond bytes and flops, measured on the executor's own code
+    assert 1e-6 < a.layer_overhead_s < 0.1 and 0 < a.head_overhead_s < 0.1 and 0 <= a.split_overhead_s < 0.1
+    assert h.bus_gbps >= 1 and h.copy_slowdown_s_per_gb >= 0
+    assert a.gemv_size_factor and all(size > 0 and f > 0 for size, f in a.gemv_size_factor)
     # loopback: the CPU's figures on both sides, and available RAM split between them
     assert (a.mem_bw_gbps, a.flops_tflops) == (h.mem_bw_gbps, h.flops_tflops)
     assert abs(a.memory_bytes - h.memory_bytes) <= 1 and h.available_bytes == h.memory_bytes

@@ -301,3 +301,36 @@ def test_measured_gemv_curve_sets_weight_bandwidth_by_dtype_and_rows():
     assert plain < curved
     assert host_op_s(dc_replace(profile, host=dc_replace(profile.host, gemv_gbps=curve)), "fp32", 0.0, n_bytes,
                      rows=1) == pytest.approx(profile.host.op_overhead_s + n_bytes / 20e9)
+
+
+def test_measured_size_factor_slows_small_matrices():
+    from planner.cost import acc_op_s
+    from planner.hardware import weight_read_gbps
+    rows_curve = {"fp32": ((1.0, 20.0),)}
+    size_factor = ((2**21, 0.5), (2**26, 1.0))  # 2 MiB matrices stream at half the 64 MiB rate
+    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 2**21, size_factor) == pytest.approx(10.0)
+    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 2**30, size_factor) == pytest.approx(20.0)
+    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 0.0, size_factor) == 20.0  # not a weight
+    p = load_profile("rtx4090")
+    p = replace(p, accelerator=replace(p.accelerator, gemv_gbps=rows_curve, gemv_size_factor=size_factor))
+    assert acc_op_s(p, "fp32", 0.0, 2**21, 1, weight_bytes=2**21) == pytest.approx(
+        p.accelerator.op_overhead_s + 2**21 / 10e9)
+
+
+def test_measured_dispatch_overheads_replace_the_operator_count():
+    from planner.cost import (CHARGED_OPS_PER_HEAD, CHARGED_OPS_PER_LAYER, ELEMENTWISE_OPS_PER_LAYER, head_dispatch_s,
+                              layer_dispatch_s, split_merge_s)
+    p = load_profile("rtx4090")
+    a = p.accelerator
+    assert layer_dispatch_s(p) == pytest.approx(ELEMENTWISE_OPS_PER_LAYER * a.op_overhead_s)
+    assert split_merge_s(p) == pytest.approx(2 * a.op_overhead_s)
+    measured = replace(p, accelerator=replace(a, layer_overhead_s=300e-6, head_overhead_s=100e-6,
+                                              split_overhead_s=250e-6))
+    # the matmuls' and attention's own overheads are charged by their options already
+    assert layer_dispatch_s(measured) == pytest.approx(300e-6 - CHARGED_OPS_PER_LAYER * a.op_overhead_s)
+    assert head_dispatch_s(measured) == pytest.approx(100e-6 - CHARGED_OPS_PER_HEAD * a.op_overhead_s)
+    assert split_merge_s(measured) == 250e-6
+    scn = Scenario(_spec(), measured, Workload(1, 128, 32))
+    split = attention_decode(scn, 0.5).total_s - attention_decode(Scenario(_spec(), p, Workload(1, 128, 32)),
+                                                                  0.5).total_s
+    assert split == pytest.approx(250e-6 - 2 * a.op_overhead_s)
