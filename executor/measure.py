@@ -21,10 +21,12 @@ from typing import Callable
 import torch
 
 from planner.hardware import Link
+from planner.spec import Quantization
 from planner.units import fmt_bytes
 
 from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, decode_step_timing, split_attention_timing, split_overhead,
                        split_overhead_s)
+from .quant import quant_matmul, quantize
 from .timing import DTYPES, Timing, time_runs
 
 # The host side of a transfer rotates through a pool at least this large, so each timed copy
@@ -36,6 +38,10 @@ MAX_SLOTS = 1024
 TINY_COPY_BYTES = 256  # a transfer whose time is all latency
 CPU_DTYPES = ("fp32", "bf16")  # fp16 matmul on CPUs is a slow emulated path nothing uses
 CUDA_DTYPES = ("bf16", "fp16", "fp32")
+# Packed formats whose matmul is timed, as the planner counts their bytes (planner/spec.py).
+QUANT_GROUP = 128
+QUANT_FORMAT = {bits: Quantization(bits, QUANT_GROUP) for bits in (4, 8)}
+QUANT_MAX_DIM = 2048  # the dequantizing matmul is slow: a smaller matrix keeps the profile short
 ATTENTION_SHAPE = (8, 4, 128)  # kv_heads, query heads per kv head, head_dim (Llama-3-8B-like)
 ATTENTION_DTYPE = "bf16"
 
@@ -119,6 +125,20 @@ def linear_timing(device: torch.device, dtype: str, out_features: int, in_featur
     pool = itertools.cycle(weights)
     return time_runs(lambda: torch.nn.functional.linear(x, next(pool)), device, warmup, repeats,
                      calls=n_weights)
+
+
+def quant_linear_timing(device: torch.device, dtype: str, bits: int, out_features: int, in_features: int,
+                        batch: int, warmup: int, repeats: int) -> Timing:
+    """The executor's dequantizing matmul (executor/quant.py, group 128, symmetric) over a
+    cold pool of packed weights, activations in `dtype`: what a quantized matmul costs here."""
+    tdt = DTYPES[dtype]
+    # The pool is sized by the transient dequantized weights: most of the traffic.
+    n_weights = max(2, math.ceil(COLD_POOL_BYTES / (out_features * in_features * tdt.itemsize)))
+    weights = [quantize(torch.randn(out_features, in_features), bits, QUANT_GROUP).to(device)
+               for _ in range(n_weights)]
+    x = torch.randn(batch, in_features, device=device, dtype=tdt)  # [batch, in]
+    pool = itertools.cycle(weights)
+    return time_runs(lambda: quant_matmul(x, next(pool)), device, warmup, repeats, calls=len(weights))
 
 
 def op_overhead_timing(device: torch.device, calls: int, warmup: int, repeats: int) -> Timing:
@@ -255,6 +275,12 @@ class Compute:
         return out
 
 
+def quant_shape(s: Settings) -> tuple[int, int]:
+    """(out, in) of the timed dequantizing matmul: the GEMV shape, capped at QUANT_MAX_DIM."""
+    out_f, in_f = s.gemv_shape
+    return min(out_f, QUANT_MAX_DIM), min(in_f, QUANT_MAX_DIM)
+
+
 def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> Compute:
     """Rates from the timings `measure_all` took for `target`."""
     p, (out_f, in_f) = target.prefix, s.gemv_shape
@@ -265,6 +291,11 @@ def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> 
         flops[dt] = max(rates, key=lambda f: f.value)
         weight_bytes = out_f * in_f * DTYPES[dt].itemsize
         gemv[dt] = {b: Figure.rate(weight_bytes, timings[f"{p}.gemv.{dt}.{b}"], 1e9) for b in s.gemv_batches}
+    q_out, q_in = quant_shape(s)
+    for bits, fmt in QUANT_FORMAT.items():  # packed bytes / s, after the float dtypes
+        packed_bytes = fmt.bytes_for(q_out * q_in)
+        gemv[f"int{bits}"] = {b: Figure.rate(packed_bytes, timings[f"{p}.gemv.int{bits}.{b}"], 1e9)
+                              for b in s.gemv_batches}
     size_dtype = target.dtypes[0]
     sizes = {out * inn * DTYPES[size_dtype].itemsize: Figure.rate(out * inn * DTYPES[size_dtype].itemsize,
                                                                  timings[f"{p}.gemv_size.{out}x{inn}"], 1e9)
@@ -364,6 +395,10 @@ def _compute_steps(target: Target, s: Settings) -> list[_Step]:
     steps.append(_Step(f"{p}.overhead", f"{p} per-operator overhead",
                        functools.partial(op_overhead_timing, dev, s.overhead_calls, w, r)))
     probe_dtype = target.dtypes[0]
+    q_out, q_in = quant_shape(s)
+    steps += [_Step(f"{p}.gemv.int{bits}.{b}", f"{p} int{bits} dequantizing GEMV batch {b}",
+                    functools.partial(quant_linear_timing, dev, probe_dtype, bits, q_out, q_in, b, w, r))
+              for bits in QUANT_FORMAT for b in s.gemv_batches]
     steps += [_Step(f"{p}.gemv_size.{o}x{i}", f"{p} {probe_dtype} GEMV {o}x{i}",
                     functools.partial(linear_timing, dev, probe_dtype, o, i, 1, w, r))
               for o, i in s.gemv_size_shapes]

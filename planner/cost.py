@@ -40,23 +40,31 @@ def roofline_s(flops: float, n_bytes: float, flops_per_s: float, bytes_per_s: fl
 
 
 def acc_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0,
-             weight_bytes: float = 0.0) -> float:
-    """An operator on the accelerator; `rows` and `weight_bytes` (of a matmul) select the
-    measured GEMV speed."""
+             weight_bytes: float = 0.0, read_dtype: str = "") -> float:
+    """An operator on the accelerator computing in `dtype`; `rows`, `weight_bytes` and
+    `read_dtype` (the stored weights' dtype, int4 for packed ones; default `dtype`) of a matmul
+    select the measured GEMV speed."""
     a = profile.accelerator
-    bw_gbps = weight_read_gbps(a.gemv_gbps, dtype, rows, a.mem_bw_gbps, a.gemv_efficiency, weight_bytes,
-                               a.gemv_size_factor)
+    bw_gbps = weight_read_gbps(a.gemv_gbps, _read_key(a.gemv_gbps, read_dtype, dtype), rows, a.mem_bw_gbps,
+                               a.gemv_efficiency, weight_bytes, a.gemv_size_factor)
     return roofline_s(flops, n_bytes, flops_for(a.flops_tflops, dtype) * a.matmul_efficiency,
                       bw_gbps * 1e9, a.op_overhead_s)
 
 
 def host_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0,
-              weight_bytes: float = 0.0) -> float:
+              weight_bytes: float = 0.0, read_dtype: str = "") -> float:
     h = profile.host
-    bw_gbps = weight_read_gbps(h.gemv_gbps, dtype, rows, h.mem_bw_gbps, h.gemv_efficiency, weight_bytes,
-                               h.gemv_size_factor)
+    bw_gbps = weight_read_gbps(h.gemv_gbps, _read_key(h.gemv_gbps, read_dtype, dtype), rows, h.mem_bw_gbps,
+                               h.gemv_efficiency, weight_bytes, h.gemv_size_factor)
     return roofline_s(flops, n_bytes, flops_for(h.flops_tflops, dtype) * h.matmul_efficiency,
                       bw_gbps * 1e9, h.op_overhead_s)
+
+
+def _read_key(gemv_gbps: dict, read_dtype: str, dtype: str) -> str:
+    """The GEMV curve to read: the stored weights' own (packed int4 is measured through the
+    executor's dequantizing matmul, in packed bytes/s) when the profile has it, else the
+    compute dtype's."""
+    return read_dtype if read_dtype and read_dtype in gemv_gbps else dtype
 
 
 def host_attention_s(profile: HardwareProfile, dtype: str, flops: float, kv_bytes: float) -> float:
@@ -160,12 +168,14 @@ class Scenario:
 
     @property
     def compute_dtype(self) -> str:
-        return "bf16" if self.spec.quantization else self.spec.dtype
+        """Activations and matmul arithmetic: the model's dtype (packed weights are dequantized to it)."""
+        return self.spec.dtype
 
     @property
     def weight_dtype(self) -> str:
-        """The dtype a matmul's weights are read in (quantized weights are dequantized to bf16)."""
-        return self.compute_dtype
+        """The dtype weights are stored in: int4 / int8 when quantized."""
+        q = self.spec.quantization
+        return f"int{q.bits}" if q else self.spec.dtype
 
     @property
     def act_bytes(self) -> int:
@@ -217,15 +227,21 @@ class KVOption:
     decode_bus_s: float = 0.0  # host memory bus: attention reads of one decode step
 
 
+def _weight_read_dtype(scn: Scenario, t: TensorSpec) -> str:
+    """Attention and MLP matrices of a quantized model are packed; embeddings and the head stay float."""
+    return scn.weight_dtype if t.group in ("attn", "mlp") else scn.compute_dtype
+
+
 def matmul_on_acc(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
-    return PathCost(acc_s=acc_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows,
-                                   t.n_bytes))
+    return PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, rows * t.flops_per_token, n_bytes, rows,
+                                   t.n_bytes, _weight_read_dtype(scn, t)))
 
 
 def _matmul_on_host(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
-    cpu = host_op_s(scn.profile, scn.weight_dtype, rows * t.flops_per_token, n_bytes, rows, t.n_bytes)
+    cpu = host_op_s(scn.profile, scn.compute_dtype, rows * t.flops_per_token, n_bytes, rows, t.n_bytes,
+                    _weight_read_dtype(scn, t))
     xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
     return PathCost(cpu_s=cpu, xfer_s=xfer)
 

@@ -78,7 +78,7 @@ def _accelerator_rows(p: HardwareProfile) -> list[Row]:
              ("matmul efficiency", f"{a.matmul_efficiency:.0%} of peak", "accelerator.matmul_efficiency"),
              ("GEMV efficiency", f"{a.gemv_efficiency:.0%} of memory bandwidth",
               "accelerator.gemv_efficiency"),
-             *_size_rows("accelerator", a.gemv_size_factor),
+             *_size_rows("accelerator", a.gemv_size_factor), *_packed_rows("accelerator", a.gemv_gbps),
              ("operator overhead", fmt_time(a.op_overhead_s), "accelerator.op_overhead_s")]
     if a.layer_overhead_s:
         rows.append(("decode overhead", f"{fmt_time(a.layer_overhead_s)} per layer, "
@@ -126,10 +126,19 @@ def _host_rows(p: HardwareProfile) -> list[Row]:
              *_flops_rows("host", h.flops_tflops),
              ("matmul efficiency", f"{h.matmul_efficiency:.0%} of peak", "host.matmul_efficiency"),
              ("GEMV efficiency", f"{h.gemv_efficiency:.0%} of memory bandwidth", "host.gemv_efficiency"),
-             *_size_rows("host", h.gemv_size_factor),
+             *_size_rows("host", h.gemv_size_factor), *_packed_rows("host", h.gemv_gbps),
              ("operator overhead", fmt_time(h.op_overhead_s), "host.op_overhead_s"),
              ("attention", attention, "host.attention_gbps")]
     return rows
+
+
+def _packed_rows(prefix: str, gemv_gbps) -> list[Row]:
+    """Batch-1 speed of the executor's dequantizing matmul, when measured (in packed bytes)."""
+    packed = [(dt, curve[0][1]) for dt, curve in gemv_gbps.items() if dt.startswith("int") and curve]
+    if not packed:
+        return []
+    text = " · ".join(f"{dt} {fmt_rate(gbps)} GB/s" for dt, gbps in packed)
+    return [("quantized GEMV", f"{text} (packed bytes)", f"{prefix}.gemv_gbps")]
 
 
 def _size_rows(prefix: str, factor) -> list[Row]:

@@ -203,12 +203,16 @@ def test_compute_figures_take_the_best_shape_and_clamp_gemv_efficiency():
                "host.overhead": Timing(2e-6, 0.3, 3),
                "host.decoder.2": Timing(2 * 100e-6 + 50e-6, 0.02, 3),  # 100 µs a layer, 50 µs a step
                "host.decoder.6": Timing(6 * 100e-6 + 50e-6, 0.02, 3),
+               **{f"host.gemv.int{bits}.{b}": Timing(1e-3, 0.05, 3) for bits in (4, 8) for b in (1, 8)},
                "host.attention.device": Timing(80e-6, 0.02, 3),
                "host.attention.split": Timing(200e-6, 0.02, 3)}
     c = measure.compute_figures(target, timings, SYNTH)
     assert c.layer_overhead_s.value == pytest.approx(100e-6)
     assert c.head_overhead_s.value == pytest.approx(50e-6)
     assert c.split_overhead_s.value == pytest.approx(120e-6)
+    # the dequantizing matmul is rated in the packed bytes the planner counts for the matrix
+    packed = measure.QUANT_FORMAT[4].bytes_for(1024 * 1024)
+    assert c.gemv_gbps["int4"][1].value == pytest.approx(packed / 1e-3 / 1e9, rel=1e-3)
     assert c.gemv_size_factor() == ()  # SYNTH times no sizes
     sized = replace(SYNTH, gemv_size_shapes=((256, 1024),))
     small = 256 * 1024 * 2

@@ -334,3 +334,28 @@ def test_measured_dispatch_overheads_replace_the_operator_count():
     split = attention_decode(scn, 0.5).total_s - attention_decode(Scenario(_spec(), p, Workload(1, 128, 32)),
                                                                   0.5).total_s
     assert split == pytest.approx(250e-6 - 2 * a.op_overhead_s)
+
+
+def test_quantized_matrices_read_at_the_measured_packed_speed():
+    """A profile with an int4 curve (the executor's dequantizing matmul, packed bytes/s) prices
+    quantized attention/MLP matrices with it; the float lm_head keeps the float curve; without
+    the curve the compute dtype's is used. Arithmetic stays in the model's dtype."""
+    p = load_profile("rtx4090")
+    curves = {"bf16": ((1.0, 100.0),), "int4": ((1.0, 0.5),)}
+    p = replace(p, accelerator=replace(p.accelerator, gemv_gbps=curves))
+    spec = _spec(quantization=Quantization(bits=4, group_size=128))
+    scn = Scenario(spec, p, Workload(1, 64, 16))
+    assert scn.compute_dtype == "bf16" and scn.weight_dtype == "int4"
+    by_name = {t.name: t for t in spec.tensors()}
+
+    def gpu_decode_s(scenario, name):
+        return next(o for o in tensor_options(scenario, by_name[name]) if o.device == "gpu" and o.rank == 0).decode.acc_s
+
+    q = by_name["layers.0.self_attn.q_proj"]
+    act_bytes = (q.rows + q.cols) * 2
+    assert gpu_decode_s(scn, q.name) == pytest.approx(p.accelerator.op_overhead_s + (q.n_bytes + act_bytes) / 0.5e9)
+    head = by_name["lm_head"]
+    assert gpu_decode_s(scn, "lm_head") == pytest.approx(
+        p.accelerator.op_overhead_s + (head.n_bytes + (head.rows + head.cols) * 2) / 100e9)
+    no_int4 = replace(scn, profile=replace(p, accelerator=replace(p.accelerator, gemv_gbps={"bf16": curves["bf16"]})))
+    assert gpu_decode_s(no_int4, q.name) == pytest.approx(p.accelerator.op_overhead_s + (q.n_bytes + act_bytes) / 100e9)
