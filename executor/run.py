@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from planner.cost import h2d_s
 from planner.errors import PlanError
 from planner.plan import Plan, PredictedSummary, summarize
 from planner.predict import evaluate
@@ -87,9 +88,10 @@ class RunReport:
                 ("decode step", p.decode_step_s, m.decode_step_s, "s"),
                 ("decode tokens/s", p.decode_tokens_per_s, m.decode_tokens_per_s, "tok/s"),
                 ("accelerator memory", float(_planned_vram(p)), float(m.accelerator_peak_bytes), "bytes")]
-        streamed = sum(s.decode_link_s for s in p.stages)
-        if streamed > 0 and m.acceptance is None:
-            rows.append(("link busy per step", streamed, m.link_busy_s_per_step, "s"))
+        streamed_bytes, copy_s = _planned_streaming(self.plan)
+        if streamed_bytes > 0 and m.acceptance is None:
+            rows.append(("weights streamed per step", float(streamed_bytes), m.streamed_bytes_per_step, "bytes"))
+            rows.append(("link busy per step", copy_s, m.link_busy_s_per_step, "s"))
         if m.acceptance is not None and self.plan.draft is not None:
             rows.append(("draft acceptance (assumed)", self.plan.draft.acceptance, m.acceptance, ""))
             rows.append(("tokens per verify step (E)", p.expected_tokens, m.tokens_per_step, "tok"))
@@ -97,6 +99,13 @@ class RunReport:
                 rows.append(("decode tokens/s at measured acceptance", self.repredicted.decode_tokens_per_s,
                              m.decode_tokens_per_s, "tok/s"))
         return rows
+
+
+def _planned_streaming(plan: Plan) -> tuple[int, float]:
+    """(bytes, seconds of copies) the plan streams per decode step: the weights placed on
+    `stream` (activations crossing the link are not counted: the engine's counters do not)."""
+    streamed = [t.n_bytes for t in plan.model.tensors() if plan.placement.device(t.name) == "stream"]
+    return sum(streamed), sum(h2d_s(plan.profile, n) for n in streamed)
 
 
 def _planned_vram(p: PredictedSummary) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import HardwareError
 from .schema import atomic_write, check_version, dump_yaml, from_dict, read_yaml, stable_hash, to_dict
+from .units import fmt_bytes
 
 PROFILE_VERSION = 1
 Curve = tuple[tuple[float, float], ...]
@@ -230,10 +231,10 @@ def with_overrides(profile: HardwareProfile, vram_bytes: int | None = None, ram_
     acc, host, notes = profile.accelerator, profile.host, []
     if vram_bytes is not None:
         acc = replace(acc, memory_bytes=vram_bytes, used_by_others_bytes=0)
-        notes.append(f"vram={vram_bytes / 2**30:g}GiB")
+        notes.append(f"vram={fmt_bytes(vram_bytes)}")
     if ram_bytes is not None:
         host = replace(host, memory_bytes=ram_bytes, available_bytes=0)
-        notes.append(f"ram={ram_bytes / 2**30:g}GiB")
+        notes.append(f"ram={fmt_bytes(ram_bytes)}")
     if host_bw_gbps is not None:
         host = replace(host, mem_bw_gbps=host_bw_gbps, attention_gbps=0.0)
         notes.append(f"host_bw={host_bw_gbps:g}GB/s")

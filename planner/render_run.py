@@ -22,7 +22,10 @@ def comparison_table(rows: list[tuple[str, float, float, str]], title: str) -> T
     for col, justify in (("metric", "left"), ("predicted", "right"), ("measured", "right"), ("error", "right")):
         table.add_column(col, justify=justify)
     for name, predicted, measured, unit in rows:
-        error = 100.0 * (predicted - measured) / measured if measured else float("nan")
+        if not measured:
+            table.add_row(name, _fmt(predicted, unit), _fmt(measured, unit), "-")
+            continue
+        error = 100.0 * (predicted - measured) / measured
         style = "green" if abs(error) <= 15 else ("yellow" if abs(error) <= 30 else "red")
         table.add_row(name, _fmt(predicted, unit), _fmt(measured, unit), f"[{style}]{error:+.1f}%[/]")
     return table
@@ -33,7 +36,7 @@ def stage_table(stages) -> Table:
     for col in ("stage", "predicted", "measured", "error", "host attention"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in stages:
-        error = 100.0 * (s.predicted_s - s.measured_s) / s.measured_s if s.measured_s else float("nan")
-        table.add_row(s.name, fmt_seconds(s.predicted_s), fmt_seconds(s.measured_s), f"{error:+.1f}%",
+        error = f"{100.0 * (s.predicted_s - s.measured_s) / s.measured_s:+.1f}%" if s.measured_s else "-"
+        table.add_row(s.name, fmt_seconds(s.predicted_s), fmt_seconds(s.measured_s), error,
                       fmt_seconds(s.host_attention_s) if s.host_attention_s else "-")
     return table

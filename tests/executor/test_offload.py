@@ -99,6 +99,12 @@ def test_accelerator_memory_stays_within_the_plan():
     streamed = run_plan(plan_for(spec, uniform_placement(spec, "stream")), RunOptions(synthetic=True), devices=CPU)
     weights = sum(t.n_bytes for t in spec.tensors() if t.group != "embed")
     assert streamed.measured.streamed_bytes_per_step == pytest.approx(weights, rel=1e-6)
+    # the report compares the planned streamed bytes with the engine's count, not activations
+    rows = {name: (predicted, measured) for name, predicted, measured, _ in streamed.comparisons()}
+    assert rows["weights streamed per step"] == pytest.approx((weights, weights), rel=1e-6)
+    assert rows["link busy per step"][0] > 0 and rows["link busy per step"][1] > 0
+    resident = run_plan(plan_for(spec, uniform_placement(spec, "cpu")), RunOptions(synthetic=True), devices=CPU)
+    assert not any(name.startswith(("weights streamed", "link busy")) for name, *_ in resident.comparisons())
 
 
 def test_plan_for_a_cuda_gpu_is_refused_on_a_machine_without_one():
