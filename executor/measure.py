@@ -188,7 +188,10 @@ class Settings:
     gemv_shape: tuple[int, int]  # (out, in): one decode-sized weight; a pool of them is cycled
     gemv_batches: tuple[int, ...]  # decode-like; the first must be 1
     attention_tokens: int
-    gemv_size_shapes: tuple[tuple[int, int], ...] = ()  # (out, in) timed at batch 1 for the size factor
+    # (out, in) timed at batch 1 for the size factor. Small matrices come from narrow models,
+    # and a matrix-vector product over short rows (in = 1024) streams slower than over long
+    # ones, so the small shapes here have LLM proportions, not the reference's 4096-wide rows.
+    gemv_size_shapes: tuple[tuple[int, int], ...] = ()
     bus_seconds: float = 0.3  # per run of the streaming-and-matmul probe (executor/contention.py)
     bus_runs: int = 8  # its runs: the slowdown drifts over seconds on shared machines
 

@@ -61,14 +61,14 @@ FULL = Settings(
     cpu_gemm_shapes=((512, 2048, 2048), (1024, 4096, 4096)),
     cuda_gemm_shapes=((2048, 4096, 4096), (4096, 8192, 8192)),
     gemv_shape=(4096, 4096), gemv_batches=(1, 4, 16, 64), attention_tokens=65536,
-    gemv_size_shapes=((512, 1024), (1024, 2048), (2048, 2048), (8192, 2048), (16384, 4096)),
+    gemv_size_shapes=((512, 1024), (1024, 1024), (2048, 1024), (4096, 1024), (8192, 1024), (16384, 4096)),
     bus_seconds=0.5, bus_runs=16)
 QUICK = Settings(
     link_sizes_bytes=(64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB),
     warmup=1, repeats=5, latency_calls=100, overhead_calls=100, copy_bytes=256 * MIB,
     cpu_gemm_shapes=((512, 2048, 2048),), cuda_gemm_shapes=((4096, 8192, 8192),),
     gemv_shape=(4096, 4096), gemv_batches=(1, 16, 64), attention_tokens=32768,
-    gemv_size_shapes=((512, 1024), (2048, 2048), (16384, 4096)), bus_seconds=0.3, bus_runs=8)
+    gemv_size_shapes=((1024, 1024), (4096, 1024), (16384, 4096)), bus_seconds=0.3, bus_runs=8)
 TINY = Settings(  # tests: same code paths, seconds instead of minutes; figures are rougher
     link_sizes_bytes=(64 * KIB, 1 * MIB, 64 * MIB),
     warmup=1, repeats=3, latency_calls=50, overhead_calls=50, copy_bytes=64 * MIB,
