@@ -24,8 +24,9 @@ from planner.hardware import Link
 from planner.spec import Quantization
 from planner.units import fmt_bytes
 
-from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, decode_step_timing, split_attention_timing, split_overhead,
-                       split_overhead_s)
+from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, attention_prefill_timing, attention_tflops,
+                       decode_step_timing, elementwise_gbps, prefill_elementwise_timing, split_attention_timing,
+                       split_overhead, split_overhead_s)
 from .quant import quant_matmul, quantize
 from .timing import DTYPES, Timing, time_runs
 
@@ -239,6 +240,8 @@ class Compute:
     layer_overhead_s: Figure  # fixed time of one decoder layer in a decode step (executor/overhead.py)
     head_overhead_s: Figure  # fixed time per decode step outside the layers
     split_overhead_s: Figure  # what a host/accelerator split of one layer's KV cache adds to its attention
+    elementwise_gbps: Figure  # a prefill layer's element-wise operators, against cost.elementwise_bytes
+    attention_tflops: Figure  # causal prefill attention through the executor's KV cache
 
     def flops_values(self) -> dict[str, float]:
         return {dtype: f.value for dtype, f in self.flops_tflops.items()}
@@ -274,6 +277,8 @@ class Compute:
         if prefix == "accelerator":  # the host profile has no per-layer figures
             out[f"{prefix}.layer_overhead_s"] = self.layer_overhead_s.spread
             out[f"{prefix}.split_overhead_s"] = self.split_overhead_s.spread
+            out[f"{prefix}.elementwise_gbps"] = self.elementwise_gbps.spread
+            out[f"{prefix}.attention_tflops"] = self.attention_tflops.spread
         out.update({f"{prefix}.flops_tflops.{dt}": f.spread for dt, f in self.flops_tflops.items()})
         return out
 
@@ -312,7 +317,12 @@ def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> 
                    head_overhead_s=Figure(sig(step.head_s), sig(step.spread)),
                    split_overhead_s=Figure(sig(split_overhead_s(timings[f"{p}.attention.split"],
                                                                 timings[f"{p}.attention.device"])),
-                                           sig(timings[f"{p}.attention.split"].spread)))
+                                           sig(timings[f"{p}.attention.split"].spread)),
+                   elementwise_gbps=Figure(sig(elementwise_gbps(timings[f"{p}.prefill.elementwise"], step.layer_s,
+                                                                target.dtypes[0])),
+                                           sig(timings[f"{p}.prefill.elementwise"].spread)),
+                   attention_tflops=Figure(sig(attention_tflops(timings[f"{p}.prefill.attention"])),
+                                           sig(timings[f"{p}.prefill.attention"].spread)))
 
 
 def link_figures(timings: dict[str, Timing], s: Settings,
@@ -411,4 +421,8 @@ def _compute_steps(target: Target, s: Settings) -> list[_Step]:
     steps += [_Step(f"{p}.attention.{kind}", f"{p} decode attention, KV cache {kind}",
                     functools.partial(split_attention_timing, dev, probe_dtype, fraction, w, r))
               for kind, fraction in (("device", 0.0), ("split", 0.5))]
+    steps += [_Step(f"{p}.prefill.elementwise", f"{p} prefill element-wise operators",
+                    functools.partial(prefill_elementwise_timing, dev, probe_dtype, w, r)),
+              _Step(f"{p}.prefill.attention", f"{p} prefill causal attention",
+                    functools.partial(attention_prefill_timing, dev, probe_dtype, w, r))]
     return steps

@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from planner.cost import attention_prefill_flops, elementwise_bytes
 from planner.spec import ModelSpec
 
 from .attention import HybridKVCache
-from .model import Transformer
+from .model import DecoderLayer, Transformer, rope_cos_sin
 from .timing import DTYPES, Timing, time_runs
 
 SHALLOW_LAYERS, DEEP_LAYERS = 2, 6
@@ -95,3 +97,84 @@ def split_attention_timing(device: torch.device, dtype: str, host_fraction: floa
 def split_overhead_s(split: Timing, device_only: Timing) -> float:
     """What splitting the KV cache adds to one layer's decode attention, beyond the work."""
     return max(split.median_s - device_only.median_s, 0.0)
+
+
+# ---- prefill: element-wise operators and causal attention at a realistic width ----------------
+
+PREFILL_ROWS = 256
+PREFILL_WIDTH = (1024, 2816, 16, 4)  # hidden, intermediate, heads, kv_heads: a small Llama
+
+
+class _ShapeOnly(nn.Module):
+    """Stands in for a Linear: an output of the right shape, so only the operators around the
+    matmuls are timed (allocating the output is a cost the matmul's bytes do not count either)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)  # [..., out]
+
+
+class _NoAttention:
+    """Stands in for the KV cache: attention is timed on its own (attention_prefill_timing)."""
+
+    length = 0
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(q)  # [b, heads, t, hd]
+
+
+def _width_spec(layers: int = 1) -> ModelSpec:
+    hidden, intermediate, heads, kv_heads = PREFILL_WIDTH
+    return ModelSpec(name="prefill-probe", family="llama", layers=layers, hidden=hidden,
+                     intermediate=intermediate, heads=heads, kv_heads=kv_heads, vocab=256, dtype="fp32",
+                     max_context=PREFILL_ROWS + 8)
+
+
+def prefill_elementwise_timing(device: torch.device, dtype: str, warmup: int, repeats: int) -> Timing:
+    """One decoder layer of PREFILL_WIDTH over PREFILL_ROWS new tokens, with its matmuls and
+    attention stood in for: the norms, rotary embedding, activation and residual adds."""
+    spec, tdt = _width_spec(), DTYPES[dtype]
+    layer = DecoderLayer(spec, tdt).to(device)
+    for block in (layer.self_attn, layer.mlp):
+        for name, child in list(block.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(block, name, _ShapeOnly(child.out_features))
+    layer.self_attn.kv_cache = _NoAttention()
+    cos, sin = rope_cos_sin(spec, torch.arange(PREFILL_ROWS, device=device), tdt)  # [rows, hd] each
+    x = torch.randn(1, PREFILL_ROWS, spec.hidden, dtype=tdt, device=device)  # [1, rows, hidden]
+    return time_runs(lambda: layer(x, cos, sin), device, warmup, repeats)
+
+
+def elementwise_gbps(timing: Timing, layer_overhead_s: float, dtype: str) -> float:
+    """The probe's element-wise traffic (as the cost model counts it) per second, after the
+    layer's fixed dispatch cost."""
+    hidden, intermediate, _, _ = PREFILL_WIDTH
+    n_bytes = elementwise_bytes(hidden, intermediate, PREFILL_ROWS, DTYPES[dtype].itemsize)
+    return n_bytes / max(timing.median_s - layer_overhead_s, timing.median_s / 10) / 1e9
+
+
+def attention_prefill_timing(device: torch.device, dtype: str, warmup: int, repeats: int) -> Timing:
+    """Causal attention over a fresh prompt of PREFILL_ROWS tokens through the KV cache the
+    executor installs (executor/attention.py), the cache emptied after each call."""
+    _, _, heads, kv_heads = PREFILL_WIDTH
+    head_dim, tdt = _width_spec().head_dim, DTYPES[dtype]
+    cache = HybridKVCache(1, PREFILL_ROWS, kv_heads, head_dim, tdt, device, timed=False)
+    q = torch.randn(1, heads, PREFILL_ROWS, head_dim, dtype=tdt, device=device)  # [1, heads, t, hd]
+    k = torch.randn(1, kv_heads, PREFILL_ROWS, head_dim, dtype=tdt, device=device)  # [1, kv, t, hd]
+    v = torch.randn(1, kv_heads, PREFILL_ROWS, head_dim, dtype=tdt, device=device)
+
+    def prefill() -> torch.Tensor:
+        out = cache.attend(q, k, v)  # [1, heads, t, hd]
+        cache.truncate(0)
+        return out
+
+    with cache:
+        return time_runs(prefill, device, warmup, repeats)
+
+
+def attention_tflops(timing: Timing) -> float:
+    _, _, heads, _ = PREFILL_WIDTH
+    return attention_prefill_flops(heads, _width_spec().head_dim, 1, PREFILL_ROWS) / timing.median_s / 1e12

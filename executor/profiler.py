@@ -321,7 +321,8 @@ def _loopback_profile(host: HostFacts, f: _Figures) -> HardwareProfile:
         op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(),
         gemv_size_factor=f.cpu.gemv_size_factor(),
         layer_overhead_s=f.cpu.layer_overhead_s.value, head_overhead_s=f.cpu.head_overhead_s.value,
-        split_overhead_s=f.cpu.split_overhead_s.value,
+        split_overhead_s=f.cpu.split_overhead_s.value, elementwise_gbps=f.cpu.elementwise_gbps.value,
+        attention_tflops=f.cpu.attention_tflops.value,
         loopback=True)
     host_bytes = host.ram_available_bytes - device_bytes
     notes = [f"host {host.hostname}, torch {torch.__version__}, {f.threads} threads",
@@ -344,7 +345,8 @@ def _cuda_profile(host: HostFacts, gpu: GpuFacts, dev: Compute, f: _Figures) -> 
         matmul_efficiency=1.0, op_overhead_s=dev.op_overhead_s.value, gemv_gbps=dev.gemv_curves(),
         gemv_size_factor=dev.gemv_size_factor(),
         layer_overhead_s=dev.layer_overhead_s.value, head_overhead_s=dev.head_overhead_s.value,
-        split_overhead_s=dev.split_overhead_s.value,
+        split_overhead_s=dev.split_overhead_s.value, elementwise_gbps=dev.elementwise_gbps.value,
+        attention_tflops=dev.attention_tflops.value,
         used_by_others_bytes=gpu.used_by_others_bytes, pcie_generation=gpu.pcie_generation,
         pcie_width=gpu.pcie_width)
     fragmentation = max(MIN_FRAGMENTATION_BYTES, int(FRAGMENTATION_FRACTION * gpu.total_bytes))

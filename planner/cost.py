@@ -401,10 +401,15 @@ def attention_prefill(scn: Scenario, host_fraction: float) -> PathCost:
     the new K/V is then copied down."""
     spec, wl = scn.spec, scn.workload
     p = wl.prompt
-    flops = 4.0 * spec.heads * spec.head_dim * wl.batch * p * (p + 1) / 2.0
+    flops = attention_prefill_flops(spec.heads, spec.head_dim, wl.batch, p)
     kv_bytes = wl.batch * p * spec.kv_bytes_per_token_layer
     qo_bytes = 2 * wl.batch * p * spec.heads * spec.head_dim * scn.act_bytes
-    cost = PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, flops, kv_bytes + qo_bytes))
+    a = scn.profile.accelerator
+    if a.attention_tflops > 0:  # measured on the executor's causal attention
+        cost = PathCost(acc_s=a.op_overhead_s + max(flops / (a.attention_tflops * 1e12),
+                                                    (kv_bytes + qo_bytes) / (a.mem_bw_gbps * 1e9)))
+    else:
+        cost = PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, flops, kv_bytes + qo_bytes))
     host_tokens = min(host_fraction * wl.context, p)
     if host_tokens > 0:
         cost += PathCost(xfer_s=d2h_s(scn.profile, wl.batch * host_tokens * spec.kv_bytes_per_token_layer))
@@ -447,12 +452,25 @@ def head_dispatch_s(profile: HardwareProfile) -> float:
     return 3 * a.op_overhead_s
 
 
+def elementwise_bytes(hidden: int, intermediate: int, rows: float, act_bytes: int) -> float:
+    """The traffic counted for one layer's element-wise operators (2 norms, rotary, 2 residual
+    adds, activation, gate product): `rows` x (6 hidden + 3 intermediate) elements. The
+    profiler rates the executor's real operators against this same count (elementwise_gbps)."""
+    return rows * (6 * hidden + 3 * intermediate) * act_bytes
+
+
+def attention_prefill_flops(heads: int, head_dim: int, batch: int, prompt: int) -> float:
+    """Causal attention over a fresh prompt: QKᵀ and PV over the lower triangle."""
+    return 4.0 * heads * head_dim * batch * prompt * (prompt + 1) / 2.0
+
+
 def layer_fixed(scn: Scenario, rows: int) -> PathCost:
     """Element-wise work of one decoder layer (norms, rotary, residuals, activation)."""
     spec = scn.spec
-    n_bytes = rows * (6 * spec.hidden + 3 * spec.intermediate) * scn.act_bytes
+    n_bytes = elementwise_bytes(spec.hidden, spec.intermediate, rows, scn.act_bytes)
     a = scn.profile.accelerator
-    return PathCost(acc_s=layer_dispatch_s(scn.profile) + n_bytes / (a.mem_bw_gbps * 1e9))
+    rate_gbps = a.elementwise_gbps or a.mem_bw_gbps
+    return PathCost(acc_s=layer_dispatch_s(scn.profile) + n_bytes / (rate_gbps * 1e9))
 
 
 def head_fixed(scn: Scenario, rows: int) -> PathCost:

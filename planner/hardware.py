@@ -38,6 +38,10 @@ class Accelerator:
     # host and accelerator (staging copies, the host worker's round trip, the merge) at a
     # negligible context. 0 = unknown (estimated as two operator overheads).
     split_overhead_s: float = 0.0
+    # Measured on the executor's own operators in a prefill: element-wise traffic rate (against
+    # cost.elementwise_bytes) and causal attention flop rate. 0 = memory bandwidth / matmul peak.
+    elementwise_gbps: float = 0.0
+    attention_tflops: float = 0.0
     gemv_gbps: dict[str, Curve] = field(default_factory=dict)  # measured weight GB/s by dtype, by rows
     gemv_size_factor: Curve = ()  # (weight bytes, batch-1 GEMV speed relative to gemv_gbps' matrix)
     used_by_others_bytes: int = 0  # memory held by other processes when profiled

@@ -83,6 +83,10 @@ def _accelerator_rows(p: HardwareProfile) -> list[Row]:
     if a.layer_overhead_s:
         rows.append(("decode overhead", f"{fmt_time(a.layer_overhead_s)} per layer, "
                      f"{fmt_time(a.head_overhead_s)} per step", "accelerator.layer_overhead_s"))
+    if a.elementwise_gbps:
+        rows.append(("prefill element-wise", f"{fmt_rate(a.elementwise_gbps)} GB/s", "accelerator.elementwise_gbps"))
+    if a.attention_tflops:
+        rows.append(("prefill attention", f"{fmt_rate(a.attention_tflops)} TFLOPS", "accelerator.attention_tflops"))
     if a.split_overhead_s:
         rows.append(("split KV attention", f"+{fmt_time(a.split_overhead_s)} per layer",
                      "accelerator.split_overhead_s"))

@@ -51,3 +51,14 @@ def test_bus_probe_counts_loopback_copies_twice():
     assert f.copy_gbps > 0 and f.gemv_gbps > 0 and f.gemv_alone_gbps > 0
     assert f.dram_gbps == pytest.approx(2 * f.copy_gbps + f.gemv_gbps, rel=1e-6)
     assert f.slowdown_s_per_gb >= 0
+
+
+def test_prefill_probes_time_the_executors_operators():
+    from executor.overhead import (attention_prefill_timing, attention_tflops, elementwise_gbps,
+                                   prefill_elementwise_timing)
+    elementwise = prefill_elementwise_timing(CPU, "fp32", warmup=1, repeats=2)
+    attention = attention_prefill_timing(CPU, "fp32", warmup=1, repeats=2)
+    assert 0 < elementwise.median_s < 1 and 0 < attention.median_s < 1
+    assert elementwise_gbps(elementwise, 0.0, "fp32") > 0 and attention_tflops(attention) > 0
+    # a fixed cost larger than the whole timing cannot make the rate infinite or negative
+    assert 0 < elementwise_gbps(elementwise, 10.0, "fp32") < float("inf")

@@ -359,3 +359,21 @@ def test_quantized_matrices_read_at_the_measured_packed_speed():
         p.accelerator.op_overhead_s + (head.n_bytes + (head.rows + head.cols) * 2) / 100e9)
     no_int4 = replace(scn, profile=replace(p, accelerator=replace(p.accelerator, gemv_gbps={"bf16": curves["bf16"]})))
     assert gpu_decode_s(no_int4, q.name) == pytest.approx(p.accelerator.op_overhead_s + (q.n_bytes + act_bytes) / 100e9)
+
+
+def test_measured_prefill_rates_replace_bandwidth_and_matmul_peak():
+    from planner.cost import attention_prefill, attention_prefill_flops, elementwise_bytes, layer_fixed, layer_dispatch_s
+    p = load_profile("rtx4090")
+    spec = _spec()
+    wl = Workload(1, 512, 16)
+    measured = replace(p, accelerator=replace(p.accelerator, elementwise_gbps=50.0, attention_tflops=2.0))
+    scn = Scenario(spec, measured, wl)
+    rows = 512
+    assert layer_fixed(scn, rows).acc_s == pytest.approx(
+        layer_dispatch_s(measured) + elementwise_bytes(spec.hidden, spec.intermediate, rows, 2) / 50e9)
+    flops = attention_prefill_flops(spec.heads, spec.head_dim, 1, 512)
+    assert attention_prefill(scn, 0.0).acc_s == pytest.approx(p.accelerator.op_overhead_s + flops / 2e12)
+    plain = Scenario(spec, p, wl)  # unmeasured: memory bandwidth and the matmul roofline
+    assert layer_fixed(plain, rows).acc_s == pytest.approx(
+        layer_dispatch_s(p) + elementwise_bytes(spec.hidden, spec.intermediate, rows, 2) / (p.accelerator.mem_bw_gbps * 1e9))
+    assert attention_prefill(plain, 0.0).acc_s < attention_prefill(scn, 0.0).acc_s
