@@ -47,7 +47,9 @@ def assert_sane(p: HardwareProfile, threads: int) -> None:
     assert a.matmul_efficiency == 1.0 and h.matmul_efficiency == 1.0
     assert 0.1 <= h.attention_gbps <= 1000
     # what a decode step costs beyond bytes and flops, measured on the executor's own code
-    assert 1e-6 < a.layer_overhead_s < 0.1 and 0 < a.head_overhead_s < 0.1 and 0 <= a.split_overhead_s < 0.1
+    # (the per-layer part is a difference of two timings: noise on a loaded machine can zero it)
+    assert 0 <= a.layer_overhead_s < 0.1 and 0 <= a.head_overhead_s < 0.1 and 0 <= a.split_overhead_s < 0.1
+    assert a.layer_overhead_s + a.head_overhead_s > 0
     assert 0.1 < a.elementwise_gbps < 1000 and 1e-4 < a.attention_tflops < 1000
     assert h.bus_gbps >= 1 and h.copy_slowdown_s_per_gb >= 0
     assert a.gemv_size_factor and all(size > 0 and f > 0 for size, f in a.gemv_size_factor)
