@@ -117,7 +117,8 @@ def main() -> None:
                           f"{p['ttft_s'] * 1e3:.0f} ms", f"{m['ttft_s'] * 1e3:.0f} ms", f"{e_ttft:+.1f}%")
     console = Console(width=120)
     console.print(table)
-    console.print("error = ILP prediction vs measurement, of decode tokens/s and of time to first token")
+    console.print("error = ILP prediction vs measurement, of decode tokens/s and of time to first token; "
+                  "simulated = the plan replayed as events (host-memory contention is not simulated)")
     console.print(f"median |error| decode tok/s: {statistics.median(decode_errors):.1f}% over {len(decode_errors)} "
                   f"plans; time to first token: {statistics.median(ttft_errors):.1f}%")
 

@@ -211,6 +211,15 @@ def layer_groups(n_layers: int, max_groups: int) -> list[tuple[int, int]]:
     return groups
 
 
+def _new_var(prob: pulp.LpProblem, name: str, low: float | None = None, cat: str = pulp.LpContinuous):
+    """A variable owned by `prob` (PuLP >= 3.3, and the only way from PuLP 4); free-standing
+    on older PuLP."""
+    add = getattr(prob, "add_variable", None)
+    if add is not None:
+        return add(name, lowBound=low, cat=cat)
+    return pulp.LpVariable(name, lowBound=low, cat=cat)
+
+
 def build_problem(tables: OptionTables, options: SolverOptions, margin_bytes: tuple[float, float] = (0.0, 0.0)):
     """The MILP. `margin_bytes` = (accelerator, host) memory kept free beyond the model."""
     scn = tables.scenario
@@ -224,19 +233,19 @@ def build_problem(tables: OptionTables, options: SolverOptions, margin_bytes: tu
     # x[g][slot]: one-hot over the options of tensor `slot` of every layer in group g
     # (g = len(groups) is the head stage: embed + lm_head); z[g]: one-hot over KV levels.
     def one_hot(prefix, n):
-        return [pulp.LpVariable(f"{prefix}_{k}", cat=pulp.LpBinary) for k in range(n)]
+        return [_new_var(prob, f"{prefix}_{k}", cat=pulp.LpBinary) for k in range(n)]
 
     rep = [spec.layer_tensors(first) for first, _ in groups] + [head.tensors]
     x = [[one_hot(f"x_{g}_{i}", len(tables.tensor[t.name])) for i, t in enumerate(ts)] for g, ts in enumerate(rep)]
     z = [one_hot(f"kv_{g}", len(tables.kv)) for g in range(len(groups))]
     n_units = len(rep)
-    t_in_dec = [pulp.LpVariable(f"T_decode_inner_{g}", lowBound=0) for g in range(len(groups))]
-    t_in_pf = [pulp.LpVariable(f"T_prefill_inner_{g}", lowBound=0) for g in range(len(groups))]
-    t_out_dec = [pulp.LpVariable(f"T_decode_{g}", lowBound=0) for g in range(n_units)]
-    t_out_pf = [pulp.LpVariable(f"T_prefill_{g}", lowBound=0) for g in range(n_units)]
-    buffer_gib = pulp.LpVariable("largest_streamed_stage_gib", lowBound=0)
+    t_in_dec = [_new_var(prob, f"T_decode_inner_{g}", low=0) for g in range(len(groups))]
+    t_in_pf = [_new_var(prob, f"T_prefill_inner_{g}", low=0) for g in range(len(groups))]
+    t_out_dec = [_new_var(prob, f"T_decode_{g}", low=0) for g in range(n_units)]
+    t_out_pf = [_new_var(prob, f"T_prefill_{g}", low=0) for g in range(n_units)]
+    buffer_gib = _new_var(prob, "largest_streamed_stage_gib", low=0)
     # 1 when anything computes on the host: the pinned activation staging is needed then.
-    host_compute = pulp.LpVariable("host_compute", cat=pulp.LpBinary)
+    host_compute = _new_var(prob, "host_compute", cat=pulp.LpBinary)
     sizes = [size for _, size in groups] + [1]
 
     def unit_sum(g, attr, scale=1.0):
