@@ -54,14 +54,12 @@ def _cpu_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def _copy_loop(device: torch.device, stop: threading.Event, counted: list[int]) -> None:
-    """Copies COPY_BYTES pieces from a cold host pool to a device buffer until `stop`."""
-    cuda = device.type == "cuda"
-    pool = host_buffer(max(COLD_POOL_BYTES, 2 * COPY_BYTES), pinned=cuda)  # [pool_bytes]
-    dev = torch.empty(DEVICE_BUFFER_BYTES, dtype=torch.uint8, device=device)  # [buffer_bytes]
+def _copy_loop(pool: torch.Tensor, dev: torch.Tensor, stop: threading.Event, counted: list[int]) -> None:
+    """Copies COPY_BYTES pieces from the cold host `pool` into the device buffer `dev` until
+    `stop`, counting the bytes copied in counted[0]."""
+    copy = _cuda_copy if dev.device.type == "cuda" else _cpu_copy
     sources = itertools.cycle(range(0, pool.numel() - COPY_BYTES + 1, COPY_BYTES))
-    targets = itertools.cycle(range(0, DEVICE_BUFFER_BYTES - COPY_BYTES + 1, COPY_BYTES))
-    copy = _cuda_copy if cuda else _cpu_copy
+    targets = itertools.cycle(range(0, dev.numel() - COPY_BYTES + 1, COPY_BYTES))
     while not stop.is_set():
         s, d = next(sources), next(targets)
         copy(dev[d:d + COPY_BYTES], pool[s:s + COPY_BYTES])
@@ -95,14 +93,16 @@ def bus_figure(copy_device: torch.device, dtype: str, gemv_shape: tuple[int, int
     weights = [torch.randn(out_f, in_f, dtype=tdt) for _ in range(n_weights)]  # [out, in] each
     x = torch.randn(1, in_f, dtype=tdt)  # [1, in]
     copy_factor = 1 if copy_device.type == "cuda" else 2
+    pool = host_buffer(max(COLD_POOL_BYTES, 2 * COPY_BYTES), pinned=copy_device.type == "cuda")  # [pool_bytes]
+    dev = torch.empty(DEVICE_BUFFER_BYTES, dtype=torch.uint8, device=copy_device)  # [buffer_bytes]
     _gemv_run(weights, x, 0.0)  # warm-up
     runs: list[tuple[float, float, float, float]] = []  # copy, gemv, gemv alone, dram GB/s
     for _ in range(repeats):
         read_alone, alone_s = _gemv_run(weights, x, duration_s / 2)
         stop, counted = threading.Event(), [0]
-        copier = threading.Thread(target=_copy_loop, args=(copy_device, stop, counted), daemon=True)
+        copier = threading.Thread(target=_copy_loop, args=(pool, dev, stop, counted), daemon=True)
         copier.start()
-        while counted[0] == 0 and copier.is_alive():  # the copier's pool is allocated and running
+        while counted[0] == 0 and copier.is_alive():  # the copier is running
             time.sleep(0.001)
         copied_before, t0 = counted[0], time.perf_counter()
         read_bytes, _ = _gemv_run(weights, x, duration_s)

@@ -26,7 +26,7 @@ from planner.units import fmt_bytes
 
 from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, attention_prefill_timing, attention_tflops,
                        decode_step_timing, elementwise_gbps, prefill_elementwise_timing, split_attention_timing,
-                       split_overhead, split_overhead_s)
+                       split_kv_overhead_s, step_overhead)
 from .quant import quant_matmul, quantize
 from .timing import DTYPES, Timing, time_runs
 
@@ -309,13 +309,13 @@ def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> 
                                                                  timings[f"{p}.gemv_size.{out}x{inn}"], 1e9)
              for out, inn in s.gemv_size_shapes}
     sizes[out_f * in_f * DTYPES[size_dtype].itemsize] = gemv[size_dtype][1]
-    step = split_overhead(timings[f"{p}.decoder.{SHALLOW_LAYERS}"], timings[f"{p}.decoder.{DEEP_LAYERS}"])
+    step = step_overhead(timings[f"{p}.decoder.{SHALLOW_LAYERS}"], timings[f"{p}.decoder.{DEEP_LAYERS}"])
     return Compute(mem_bw_gbps=Figure.rate(2 * target.copy_bytes, timings[f"{p}.copy"], 1e9),
                    flops_tflops=flops, gemv_gbps=gemv, gemv_size_gbps=sizes if s.gemv_size_shapes else {},
                    op_overhead_s=Figure.time(timings[f"{p}.overhead"]),
                    layer_overhead_s=Figure(sig(step.layer_s), sig(step.spread)),
                    head_overhead_s=Figure(sig(step.head_s), sig(step.spread)),
-                   split_overhead_s=Figure(sig(split_overhead_s(timings[f"{p}.attention.split"],
+                   split_overhead_s=Figure(sig(split_kv_overhead_s(timings[f"{p}.attention.split"],
                                                                 timings[f"{p}.attention.device"])),
                                            sig(timings[f"{p}.attention.split"].spread)),
                    elementwise_gbps=Figure(sig(elementwise_gbps(timings[f"{p}.prefill.elementwise"], step.layer_s,

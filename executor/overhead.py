@@ -61,7 +61,7 @@ class StepOverhead:
     spread: float  # relative spread of the deeper timing
 
 
-def split_overhead(shallow: Timing, deep: Timing) -> StepOverhead:
+def step_overhead(shallow: Timing, deep: Timing) -> StepOverhead:
     """Per-layer and per-step parts from steps of SHALLOW_LAYERS and DEEP_LAYERS layers."""
     layer_s = max(deep.median_s - shallow.median_s, 0.0) / (DEEP_LAYERS - SHALLOW_LAYERS)
     head_s = max(shallow.median_s - SHALLOW_LAYERS * layer_s, 0.0)
@@ -94,7 +94,7 @@ def split_attention_timing(device: torch.device, dtype: str, host_fraction: floa
         return time_runs(step, device, warmup, repeats, calls=STEPS_PER_RUN)
 
 
-def split_overhead_s(split: Timing, device_only: Timing) -> float:
+def split_kv_overhead_s(split: Timing, device_only: Timing) -> float:
     """What splitting the KV cache adds to one layer's decode attention, beyond the work."""
     return max(split.median_s - device_only.median_s, 0.0)
 
