@@ -25,7 +25,7 @@ from planner.spec import Quantization
 from planner.units import fmt_bytes
 
 from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, attention_prefill_timing, attention_tflops,
-                       decode_step_timing, elementwise_gbps, prefill_elementwise_timing, split_attention_timing,
+                       branch_overhead_s, branch_timing, decode_step_timing, elementwise_gbps, prefill_elementwise_timing, split_attention_timing,
                        split_kv_overhead_s, step_overhead)
 from .quant import quant_matmul, quantize
 from .timing import DTYPES, Timing, time_runs
@@ -242,6 +242,7 @@ class Compute:
     split_overhead_s: Figure  # what a host/accelerator split of one layer's KV cache adds to its attention
     elementwise_gbps: Figure  # a prefill layer's element-wise operators, against cost.elementwise_bytes
     attention_tflops: Figure  # causal prefill attention through the executor's KV cache
+    task_overhead_s: Figure  # a compensation branch's hand-off to the host worker and back
 
     def flops_values(self) -> dict[str, float]:
         return {dtype: f.value for dtype, f in self.flops_tflops.items()}
@@ -322,7 +323,10 @@ def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> 
                                                                 target.dtypes[0])),
                                            sig(timings[f"{p}.prefill.elementwise"].spread)),
                    attention_tflops=Figure(sig(attention_tflops(timings[f"{p}.prefill.attention"])),
-                                           sig(timings[f"{p}.prefill.attention"].spread)))
+                                           sig(timings[f"{p}.prefill.attention"].spread)),
+                   task_overhead_s=Figure(sig(branch_overhead_s(timings[f"{p}.branch.with"],
+                                                                timings[f"{p}.branch.without"])),
+                                          sig(timings[f"{p}.branch.with"].spread)))
 
 
 def link_figures(timings: dict[str, Timing], s: Settings,
@@ -425,4 +429,6 @@ def _compute_steps(target: Target, s: Settings) -> list[_Step]:
                     functools.partial(prefill_elementwise_timing, dev, probe_dtype, w, r)),
               _Step(f"{p}.prefill.attention", f"{p} prefill causal attention",
                     functools.partial(attention_prefill_timing, dev, probe_dtype, w, r))]
+    steps += [_Step(f"{p}.branch.{kind}", f"{p} int4 linear {kind} a host branch",
+                    functools.partial(branch_timing, dev, kind == "with", w, r)) for kind in ("with", "without")]
     return steps

@@ -20,6 +20,7 @@ from planner.cost import attention_prefill_flops, elementwise_bytes
 from planner.spec import ModelSpec
 
 from .attention import HybridKVCache
+from .compensation import CompensatedLinear
 from .model import DecoderLayer, Transformer, rope_cos_sin
 from .timing import DTYPES, Timing, time_runs
 
@@ -178,3 +179,24 @@ def attention_prefill_timing(device: torch.device, dtype: str, warmup: int, repe
 def attention_tflops(timing: Timing) -> float:
     _, _, heads, _ = PREFILL_WIDTH
     return attention_prefill_flops(heads, _width_spec().head_dim, 1, PREFILL_ROWS) / timing.median_s / 1e12
+
+
+# ---- compensation branches: handing a host task to the worker and joining it ------------------
+
+def branch_timing(device: torch.device, with_branch: bool, warmup: int, repeats: int) -> Timing:
+    """A 64-wide int4 linear on `device`, with (CompensatedLinear, rank 4) or without
+    (QuantLinear) its host branch: at this size the difference is the hand-off to the
+    worker thread and back, what every compensated matrix pays on top of its work."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 64, bias=False)
+    module = CompensatedLinear.from_linear(linear, rank=4, bits=4, group_size=32, device=device)
+    x = torch.randn(1, 1, 64, device=device)  # [1, 1, in]
+    forward = module if with_branch else module.quant
+    try:
+        return time_runs(lambda: forward(x), device, warmup, repeats, calls=STEPS_PER_RUN)
+    finally:
+        module.close()
+
+
+def branch_overhead_s(with_branch: Timing, without: Timing) -> float:
+    return max(with_branch.median_s - without.median_s, 0.0)

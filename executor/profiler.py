@@ -371,6 +371,7 @@ def _host_part(host: HostFacts, f: _Figures, memory_bytes: int, available_bytes:
                 op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(),
                 gemv_size_factor=f.cpu.gemv_size_factor(), attention_gbps=f.attention.value,
                 bus_gbps=sig(f.bus.dram_gbps), copy_slowdown_s_per_gb=sig(f.bus.slowdown_s_per_gb),
+                task_overhead_s=f.cpu.task_overhead_s.value,
                 available_bytes=available_bytes, threads=f.threads)
 
 

@@ -45,11 +45,12 @@ def compensation_time(tables: OptionTables, placement: Placement) -> Compensatio
             if option.rank == 0:
                 continue
             branch_s = compensation_branch(scn, t, option.rank, scn.decode_rows).total_s
+            handoff_s = scn.profile.host.task_overhead_s  # handing the branch over and joining it
             count += 1
-            branch_total += branch_s
+            branch_total += branch_s + handoff_s
             # parallel() hides min(matmul, branch), so the branch's excess over the matmul
-            # (what it adds to the path) is branch - hidden.
-            excess += max(branch_s - option.decode.hidden_cpu_s, 0.0)
+            # (what it adds to the path) is branch - hidden, plus the hand-off, never hidden.
+            excess += max(branch_s - option.decode.hidden_cpu_s, 0.0) + handoff_s
             uploads += option.decode_act_h2d_s
         path, link, bus = timing.decode_path.total_s, timing.decode_link_s, timing.decode_bus_s
         exposed += max(path, link, bus) - max(path - excess, link - uploads, bus)

@@ -287,11 +287,12 @@ def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
     def up_s(rows: int) -> float:  # the output of a host computation going back up
         return h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
 
+    handoff = PathCost(cpu_s=scn.profile.host.task_overhead_s)  # always on the path: the join waits for it
     for rank in ranks:
         if rank:
             branch = compensation_branch(scn, t, rank, dec_rows)
-            dec = parallel(acc_dec, branch)
-            pf = parallel(acc_pf, compensation_branch(scn, t, rank, pf_rows))
+            dec = parallel(acc_dec, branch) + handoff
+            pf = parallel(acc_pf, compensation_branch(scn, t, rank, pf_rows)) + handoff
             recovered = scn.rank_recovery.get(t.kind, {}).get(rank, 0.0)
         else:
             dec, pf, recovered = acc_dec, acc_pf, 0.0

@@ -76,6 +76,7 @@ class Host:
     attention_gbps: float = 0.0  # KV bytes/s scanned by CPU attention; 0 = mem_bw * gemv_efficiency
     bus_gbps: float = 0.0  # DRAM bytes/s while copies and matmuls run at once (planner/membus.py); 0 = mem_bw
     copy_slowdown_s_per_gb: float = 0.0  # matmul seconds lost per GB copied beside them (measured)
+    task_overhead_s: float = 0.0  # handing a task to a host worker thread and joining it (measured)
     available_bytes: int = 0  # free RAM when profiled; 0 = unknown
     threads: int = 0  # threads the executor uses; 0 = cores
 

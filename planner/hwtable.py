@@ -132,7 +132,9 @@ def _host_rows(p: HardwareProfile) -> list[Row]:
              ("GEMV efficiency", f"{h.gemv_efficiency:.0%} of memory bandwidth", "host.gemv_efficiency"),
              *_size_rows("host", h.gemv_size_factor), *_packed_rows("host", h.gemv_gbps),
              ("operator overhead", fmt_time(h.op_overhead_s), "host.op_overhead_s"),
-             ("attention", attention, "host.attention_gbps")]
+             ("attention", attention, "host.attention_gbps"),
+             *([("worker hand-off", f"{fmt_time(h.task_overhead_s)} per compensation branch",
+                 "host.task_overhead_s")] if h.task_overhead_s else [])]
     return rows
 
 

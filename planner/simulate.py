@@ -142,9 +142,14 @@ class _Builder:
             return [((op("accelerator", t.name, cost.acc_s),),)]
         plain = getattr(find_option(self.tables.tensor[t.name], opt.device, False, 0, t.name), phase)
         branch = compensation_branch(self.scn, t, opt.rank, rows)
-        return [((op("accelerator", t.name, plain.acc_s),),
-                 (op("d2h", f"{t.name} x", down_s), op("cpu", f"{t.name} branch r{opt.rank}", branch.cpu_s),
-                  op("h2d", f"{t.name} correction", up_s)))]
+        steps: list[Step] = [((op("accelerator", t.name, plain.acc_s),),
+                              (op("d2h", f"{t.name} x", down_s),
+                               op("cpu", f"{t.name} branch r{opt.rank}", branch.cpu_s),
+                               op("h2d", f"{t.name} correction", up_s)))]
+        handoff_s = self.scn.profile.host.task_overhead_s
+        if handoff_s > 0:  # handing the branch to the worker and joining it, after both
+            steps.append(((op("cpu", f"{t.name} hand-off", handoff_s),),))
+        return steps
 
     def attention_steps(self, layer: int, phase: str, stage: str) -> list[Step]:
         op = partial(_Op, stage=stage, phase=phase)

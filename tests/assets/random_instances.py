@@ -63,13 +63,15 @@ def random_profile(rng: random.Random, vram_bytes: int = 64 * GIB, host_bytes: i
                 matmul_efficiency=rng.uniform(0.5, 1.0), op_overhead_s=_log_uniform(rng, 1e-7, 5e-6),
                 attention_gbps=rng.choice((0.0, _log_uniform(rng, 1.0, 10.0))))
     # The host memory bus (planner/membus.py): loopback doubles copy traffic and adds the
-    # accelerator's reads; a measured bus figure replaces mem_bw_gbps. Drawn from a second
+    # accelerator's reads; a measured bus figure replaces mem_bw_gbps; a host worker hand-off
+    # is paid per compensation branch. Drawn from a second
     # generator seeded by a figure above, so that `rng` (and every instance callers build
     # from it afterwards) is unchanged.
     bus_rng = random.Random(acc.mem_bw_gbps)
     acc = replace(acc, loopback=bus_rng.random() < 0.3)
     host = replace(host, bus_gbps=bus_rng.choice((0.0, _log_uniform(bus_rng, 1.0, 20.0))),
-                   copy_slowdown_s_per_gb=bus_rng.choice((0.0, _log_uniform(bus_rng, 0.01, 0.5))))
+                   copy_slowdown_s_per_gb=bus_rng.choice((0.0, _log_uniform(bus_rng, 0.01, 0.5))),
+                   task_overhead_s=bus_rng.choice((0.0, _log_uniform(bus_rng, 1e-7, 5e-6))))
     return HardwareProfile(name="random", accelerator=acc, link=link, host=host, source=Source("datasheet"))
 
 

@@ -63,3 +63,12 @@ def test_prefill_probes_time_the_executors_operators():
     assert elementwise_gbps(elementwise, 0.0, "fp32") > 0 and attention_tflops(attention) > 0
     # a fixed cost larger than the whole timing cannot make the rate infinite or negative
     assert 0 < elementwise_gbps(elementwise, 10.0, "fp32") < float("inf")
+
+
+def test_branch_probe_times_a_linear_with_and_without_its_host_branch():
+    from executor.overhead import branch_overhead_s, branch_timing
+    with_branch = branch_timing(CPU, True, warmup=2, repeats=3)
+    without = branch_timing(CPU, False, warmup=2, repeats=3)
+    assert 0 < without.median_s < 0.05 and 0 < with_branch.median_s < 0.05
+    assert branch_overhead_s(Timing(9e-5, 0, 3), Timing(3e-5, 0, 3)) == pytest.approx(6e-5)
+    assert branch_overhead_s(Timing(3e-5, 0, 3), Timing(9e-5, 0, 3)) == 0.0

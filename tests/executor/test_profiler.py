@@ -51,7 +51,7 @@ def assert_sane(p: HardwareProfile, threads: int) -> None:
     assert 0 <= a.layer_overhead_s < 0.1 and 0 <= a.head_overhead_s < 0.1 and 0 <= a.split_overhead_s < 0.1
     assert a.layer_overhead_s + a.head_overhead_s > 0
     assert 0.1 < a.elementwise_gbps < 1000 and 1e-4 < a.attention_tflops < 1000
-    assert h.bus_gbps >= 1 and h.copy_slowdown_s_per_gb >= 0
+    assert h.bus_gbps >= 1 and h.copy_slowdown_s_per_gb >= 0 and 0 <= h.task_overhead_s < 0.1
     assert a.gemv_size_factor and all(size > 0 and f > 0 for size, f in a.gemv_size_factor)
     # loopback: the CPU's figures on both sides, and available RAM split between them
     assert (a.mem_bw_gbps, a.flops_tflops) == (h.mem_bw_gbps, h.flops_tflops)
@@ -210,7 +210,8 @@ def test_compute_figures_take_the_best_shape_and_clamp_gemv_efficiency():
                "host.attention.device": Timing(80e-6, 0.02, 3),
                "host.attention.split": Timing(200e-6, 0.02, 3),
                "host.prefill.elementwise": Timing(1.1e-3, 0.02, 3),
-               "host.prefill.attention": Timing(5e-3, 0.02, 3)}
+               "host.prefill.attention": Timing(5e-3, 0.02, 3),
+               "host.branch.with": Timing(90e-6, 0.02, 3), "host.branch.without": Timing(30e-6, 0.02, 3)}
     c = measure.compute_figures(target, timings, SYNTH)
     assert c.layer_overhead_s.value == pytest.approx(100e-6)
     assert c.head_overhead_s.value == pytest.approx(50e-6)
@@ -218,6 +219,7 @@ def test_compute_figures_take_the_best_shape_and_clamp_gemv_efficiency():
     assert c.elementwise_gbps.value == pytest.approx(overhead.elementwise_gbps(Timing(1.1e-3, 0, 3), 100e-6, "bf16"),
                                                      rel=1e-3)
     assert c.attention_tflops.value == pytest.approx(overhead.attention_tflops(Timing(5e-3, 0, 3)), rel=1e-3)
+    assert c.task_overhead_s.value == pytest.approx(60e-6)
     # the dequantizing matmul is rated in the packed bytes the planner counts for the matrix
     packed = measure.QUANT_FORMAT[4].bytes_for(1024 * 1024)
     assert c.gemv_gbps["int4"][1].value == pytest.approx(packed / 1e-3 / 1e9, rel=1e-3)

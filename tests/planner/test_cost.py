@@ -377,3 +377,17 @@ def test_measured_prefill_rates_replace_bandwidth_and_matmul_peak():
     assert layer_fixed(plain, rows).acc_s == pytest.approx(
         layer_dispatch_s(p) + elementwise_bytes(spec.hidden, spec.intermediate, rows, 2) / (p.accelerator.mem_bw_gbps * 1e9))
     assert attention_prefill(plain, 0.0).acc_s < attention_prefill(scn, 0.0).acc_s
+
+
+def test_a_compensation_branch_pays_the_measured_hand_off_on_the_path():
+    p = load_profile("rtx4090")
+    spec = _spec(quantization=Quantization(bits=4, group_size=128))
+    handed = replace(p, host=replace(p.host, task_overhead_s=80e-6))
+    t = next(t for t in spec.tensors() if t.name == "layers.0.mlp.up_proj")
+
+    def ranked(profile, rank):
+        scn = Scenario(spec, profile, Workload(1, 64, 16), rank_choices=(0, 16))
+        return next(o for o in tensor_options(scn, t) if o.device == "gpu" and o.rank == rank)
+
+    assert ranked(handed, 16).decode.total_s == pytest.approx(ranked(p, 16).decode.total_s + 80e-6)
+    assert ranked(handed, 0).decode.total_s == ranked(p, 0).decode.total_s  # no branch, no hand-off
