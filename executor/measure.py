@@ -189,9 +189,10 @@ class Settings:
     gemv_shape: tuple[int, int]  # (out, in): one decode-sized weight; a pool of them is cycled
     gemv_batches: tuple[int, ...]  # decode-like; the first must be 1
     attention_tokens: int
-    # (out, in) timed at batch 1 for the row factor: one per row length (in), none at the
-    # reference's; a matrix-vector product over short rows streams slower than over long ones.
-    gemv_row_shapes: tuple[tuple[int, int], ...] = ()
+    # (out, in) timed at batch 1 for the size factor. Small matrices come from narrow models,
+    # and a matrix-vector product over short rows (in = 1024) streams slower than over long
+    # ones, so the small shapes here have LLM proportions, not the reference's 4096-wide rows.
+    gemv_size_shapes: tuple[tuple[int, int], ...] = ()
     bus_seconds: float = 0.3  # per run of the streaming-and-matmul probe (executor/contention.py)
     bus_runs: int = 8  # its runs: the slowdown drifts over seconds on shared machines
 
@@ -234,7 +235,7 @@ class Compute:
     mem_bw_gbps: Figure  # copy, read + write bytes
     flops_tflops: dict[str, Figure]  # best prefill-like matmul by dtype
     gemv_gbps: dict[str, dict[int, Figure]]  # weight bytes / s by dtype, then batch
-    gemv_row_gbps: dict[int, Figure]  # batch-1 weight bytes / s of the first dtype, by row length
+    gemv_size_gbps: dict[int, Figure]  # batch-1 weight bytes / s of the first dtype, by weight bytes
     op_overhead_s: Figure
     layer_overhead_s: Figure  # fixed time of one decoder layer in a decode step (executor/overhead.py)
     head_overhead_s: Figure  # fixed time per decode step outside the layers
@@ -255,13 +256,13 @@ class Compute:
         return {dt: tuple((float(b), fig.value) for b, fig in sorted(by_batch.items()))
                 for dt, by_batch in self.gemv_gbps.items()}
 
-    def gemv_row_factor(self) -> tuple[tuple[float, float], ...]:
-        """(row length, batch-1 speed relative to the reference matrix of `gemv_gbps`), in the
-        dtype the rows were timed in; empty when no row lengths were timed."""
-        if not self.gemv_row_gbps:
+    def gemv_size_factor(self) -> tuple[tuple[float, float], ...]:
+        """(weight bytes, batch-1 speed relative to the reference matrix of `gemv_gbps`), in
+        the dtype the sizes were timed in; empty when no sizes were timed."""
+        if not self.gemv_size_gbps:
             return ()
         reference = self.gemv_gbps[next(iter(self.gemv_gbps))][1].value
-        return tuple((float(n), sig(f.value / reference)) for n, f in sorted(self.gemv_row_gbps.items()))
+        return tuple((float(n), sig(f.value / reference)) for n, f in sorted(self.gemv_size_gbps.items()))
 
     def gemv_efficiency(self) -> Figure:
         """Batch-1 GEMV bytes/s over copy bandwidth, clamped to (0, 1]: a GEMV only reads,
@@ -304,13 +305,14 @@ def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> 
         packed_bytes = fmt.bytes_for(q_out * q_in)
         gemv[f"int{bits}"] = {b: Figure.rate(packed_bytes, timings[f"{p}.gemv.int{bits}.{b}"], 1e9)
                               for b in s.gemv_batches}
-    row_dtype = target.dtypes[0]
-    row_lengths = {inn: Figure.rate(out * inn * DTYPES[row_dtype].itemsize, timings[f"{p}.gemv_row.{out}x{inn}"], 1e9)
-                   for out, inn in s.gemv_row_shapes}
-    row_lengths[in_f] = gemv[row_dtype][1]  # the reference matrix
+    size_dtype = target.dtypes[0]
+    sizes = {out * inn * DTYPES[size_dtype].itemsize: Figure.rate(out * inn * DTYPES[size_dtype].itemsize,
+                                                                 timings[f"{p}.gemv_size.{out}x{inn}"], 1e9)
+             for out, inn in s.gemv_size_shapes}
+    sizes[out_f * in_f * DTYPES[size_dtype].itemsize] = gemv[size_dtype][1]
     step = step_overhead(timings[f"{p}.decoder.{SHALLOW_LAYERS}"], timings[f"{p}.decoder.{DEEP_LAYERS}"])
     return Compute(mem_bw_gbps=Figure.rate(2 * target.copy_bytes, timings[f"{p}.copy"], 1e9),
-                   flops_tflops=flops, gemv_gbps=gemv, gemv_row_gbps=row_lengths if s.gemv_row_shapes else {},
+                   flops_tflops=flops, gemv_gbps=gemv, gemv_size_gbps=sizes if s.gemv_size_shapes else {},
                    op_overhead_s=Figure.time(timings[f"{p}.overhead"]),
                    layer_overhead_s=Figure(sig(step.layer_s), sig(step.spread)),
                    head_overhead_s=Figure(sig(step.head_s), sig(step.spread)),
@@ -414,9 +416,9 @@ def _compute_steps(target: Target, s: Settings) -> list[_Step]:
     steps += [_Step(f"{p}.gemv.int{bits}.{b}", f"{p} int{bits} dequantizing GEMV batch {b}",
                     functools.partial(quant_linear_timing, dev, probe_dtype, bits, q_out, q_in, b, w, r))
               for bits in QUANT_FORMAT for b in s.gemv_batches]
-    steps += [_Step(f"{p}.gemv_row.{o}x{i}", f"{p} {probe_dtype} GEMV {o}x{i}",
+    steps += [_Step(f"{p}.gemv_size.{o}x{i}", f"{p} {probe_dtype} GEMV {o}x{i}",
                     functools.partial(linear_timing, dev, probe_dtype, o, i, 1, w, r))
-              for o, i in s.gemv_row_shapes]
+              for o, i in s.gemv_size_shapes]
     steps += [_Step(f"{p}.decoder.{n}", f"{p} decode step overhead ({n} layers)",
                     functools.partial(decode_step_timing, dev, probe_dtype, n, w, r))
               for n in (SHALLOW_LAYERS, DEEP_LAYERS)]

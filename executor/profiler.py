@@ -61,20 +61,20 @@ FULL = Settings(
     cpu_gemm_shapes=((512, 2048, 2048), (1024, 4096, 4096)),
     cuda_gemm_shapes=((2048, 4096, 4096), (4096, 8192, 8192)),
     gemv_shape=(4096, 4096), gemv_batches=(1, 4, 16, 64), attention_tokens=65536,
-    gemv_row_shapes=((16384, 512), (8192, 1024), (4096, 2048), (1024, 8192), (512, 16384)),
+    gemv_size_shapes=((512, 1024), (1024, 1024), (2048, 1024), (4096, 1024), (8192, 1024), (16384, 4096)),
     bus_seconds=0.5, bus_runs=16)
 QUICK = Settings(
     link_sizes_bytes=(64 * KIB, 1 * MIB, 16 * MIB, 256 * MIB),
     warmup=1, repeats=5, latency_calls=100, overhead_calls=100, copy_bytes=256 * MIB,
     cpu_gemm_shapes=((512, 2048, 2048),), cuda_gemm_shapes=((4096, 8192, 8192),),
     gemv_shape=(4096, 4096), gemv_batches=(1, 16, 64), attention_tokens=32768,
-    gemv_row_shapes=((8192, 1024), (4096, 2048), (1024, 8192)), bus_seconds=0.3, bus_runs=8)
+    gemv_size_shapes=((1024, 1024), (4096, 1024), (16384, 4096)), bus_seconds=0.3, bus_runs=8)
 TINY = Settings(  # tests: same code paths, seconds instead of minutes; figures are rougher
     link_sizes_bytes=(64 * KIB, 1 * MIB, 64 * MIB),
     warmup=1, repeats=3, latency_calls=50, overhead_calls=50, copy_bytes=64 * MIB,
     cpu_gemm_shapes=((256, 1024, 1024),), cuda_gemm_shapes=((1024, 2048, 2048),),
     gemv_shape=(2048, 2048), gemv_batches=(1,), attention_tokens=8192,
-    gemv_row_shapes=((512, 512),), bus_seconds=0.05, bus_runs=1)
+    gemv_size_shapes=((512, 512),), bus_seconds=0.05, bus_runs=1)
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def _loopback_profile(host: HostFacts, f: _Figures) -> HardwareProfile:
         mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
         gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
         op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(),
-        gemv_row_factor=f.cpu.gemv_row_factor(),
+        gemv_size_factor=f.cpu.gemv_size_factor(),
         layer_overhead_s=f.cpu.layer_overhead_s.value, head_overhead_s=f.cpu.head_overhead_s.value,
         split_overhead_s=f.cpu.split_overhead_s.value, elementwise_gbps=f.cpu.elementwise_gbps.value,
         attention_tflops=f.cpu.attention_tflops.value,
@@ -343,7 +343,7 @@ def _cuda_profile(host: HostFacts, gpu: GpuFacts, dev: Compute, f: _Figures) -> 
         name=gpu.name, memory_bytes=gpu.total_bytes, mem_bw_gbps=dev.mem_bw_gbps.value,
         flops_tflops=dev.flops_values(), gemv_efficiency=dev.gemv_efficiency().value,
         matmul_efficiency=1.0, op_overhead_s=dev.op_overhead_s.value, gemv_gbps=dev.gemv_curves(),
-        gemv_row_factor=dev.gemv_row_factor(),
+        gemv_size_factor=dev.gemv_size_factor(),
         layer_overhead_s=dev.layer_overhead_s.value, head_overhead_s=dev.head_overhead_s.value,
         split_overhead_s=dev.split_overhead_s.value, elementwise_gbps=dev.elementwise_gbps.value,
         attention_tflops=dev.attention_tflops.value,
@@ -369,7 +369,7 @@ def _host_part(host: HostFacts, f: _Figures, memory_bytes: int, available_bytes:
                 mem_bw_gbps=f.cpu.mem_bw_gbps.value, flops_tflops=f.cpu.flops_values(),
                 gemv_efficiency=f.cpu.gemv_efficiency().value, matmul_efficiency=1.0,
                 op_overhead_s=f.cpu.op_overhead_s.value, gemv_gbps=f.cpu.gemv_curves(),
-                gemv_row_factor=f.cpu.gemv_row_factor(), attention_gbps=f.attention.value,
+                gemv_size_factor=f.cpu.gemv_size_factor(), attention_gbps=f.attention.value,
                 bus_gbps=sig(f.bus.dram_gbps), copy_slowdown_s_per_gb=sig(f.bus.slowdown_s_per_gb),
                 task_overhead_s=f.cpu.task_overhead_s.value,
                 available_bytes=available_bytes, threads=f.threads)

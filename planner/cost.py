@@ -40,22 +40,22 @@ def roofline_s(flops: float, n_bytes: float, flops_per_s: float, bytes_per_s: fl
 
 
 def acc_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0,
-             row_length: float = 0.0, read_dtype: str = "") -> float:
-    """An operator on the accelerator computing in `dtype`; `rows`, `row_length` (the
-    weight's in_features) and `read_dtype` (the stored weights' dtype, int4 for packed ones;
-    default `dtype`) of a matmul select the measured GEMV speed."""
+             weight_bytes: float = 0.0, read_dtype: str = "") -> float:
+    """An operator on the accelerator computing in `dtype`; `rows`, `weight_bytes` and
+    `read_dtype` (the stored weights' dtype, int4 for packed ones; default `dtype`) of a matmul
+    select the measured GEMV speed."""
     a = profile.accelerator
     bw_gbps = weight_read_gbps(a.gemv_gbps, _read_key(a.gemv_gbps, read_dtype, dtype), rows, a.mem_bw_gbps,
-                               a.gemv_efficiency, row_length, a.gemv_row_factor)
+                               a.gemv_efficiency, weight_bytes, a.gemv_size_factor)
     return roofline_s(flops, n_bytes, flops_for(a.flops_tflops, dtype) * a.matmul_efficiency,
                       bw_gbps * 1e9, a.op_overhead_s)
 
 
 def host_op_s(profile: HardwareProfile, dtype: str, flops: float, n_bytes: float, rows: float = 1.0,
-              row_length: float = 0.0, read_dtype: str = "") -> float:
+              weight_bytes: float = 0.0, read_dtype: str = "") -> float:
     h = profile.host
     bw_gbps = weight_read_gbps(h.gemv_gbps, _read_key(h.gemv_gbps, read_dtype, dtype), rows, h.mem_bw_gbps,
-                               h.gemv_efficiency, row_length, h.gemv_row_factor)
+                               h.gemv_efficiency, weight_bytes, h.gemv_size_factor)
     return roofline_s(flops, n_bytes, flops_for(h.flops_tflops, dtype) * h.matmul_efficiency,
                       bw_gbps * 1e9, h.op_overhead_s)
 
@@ -235,12 +235,12 @@ def _weight_read_dtype(scn: Scenario, t: TensorSpec) -> str:
 def matmul_on_acc(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
     return PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, rows * t.flops_per_token, n_bytes, rows,
-                                   t.cols, _weight_read_dtype(scn, t)))
+                                   t.n_bytes, _weight_read_dtype(scn, t)))
 
 
 def _matmul_on_host(scn: Scenario, t: TensorSpec, rows: int) -> PathCost:
     n_bytes = t.n_bytes * touched_fraction(t.route_prob, rows) + rows * (t.rows + t.cols) * scn.act_bytes
-    cpu = host_op_s(scn.profile, scn.compute_dtype, rows * t.flops_per_token, n_bytes, rows, t.cols,
+    cpu = host_op_s(scn.profile, scn.compute_dtype, rows * t.flops_per_token, n_bytes, rows, t.n_bytes,
                     _weight_read_dtype(scn, t))
     xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
     return PathCost(cpu_s=cpu, xfer_s=xfer)
@@ -257,7 +257,8 @@ def compensation_branch(scn: Scenario, t: TensorSpec, rank: int, rows: int) -> P
     """CPU branch (x·A)·B of a rank-`rank` residual, with x down and the correction up."""
     factor_bytes = rank * (t.rows + t.cols) * scn.act_bytes
     flops = 2.0 * rows * rank * (t.rows + t.cols)
-    cpu = host_op_s(scn.profile, scn.spec.dtype, flops, factor_bytes) + scn.profile.host.op_overhead_s
+    cpu = (host_op_s(scn.profile, scn.spec.dtype, flops, factor_bytes, rows, factor_bytes)
+           + scn.profile.host.op_overhead_s)
     xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
     return PathCost(cpu_s=cpu, xfer_s=xfer)
 

@@ -43,7 +43,7 @@ class Accelerator:
     elementwise_gbps: float = 0.0
     attention_tflops: float = 0.0
     gemv_gbps: dict[str, Curve] = field(default_factory=dict)  # measured weight GB/s by dtype, by rows
-    gemv_row_factor: Curve = ()  # (row length = in_features, batch-1 GEMV speed relative to gemv_gbps')
+    gemv_size_factor: Curve = ()  # (weight bytes, batch-1 GEMV speed relative to gemv_gbps' matrix)
     used_by_others_bytes: int = 0  # memory held by other processes when profiled
     pcie_generation: int = 0  # 0 = unknown / not PCIe
     pcie_width: int = 0
@@ -72,7 +72,7 @@ class Host:
     matmul_efficiency: float = 0.6
     op_overhead_s: float = 2e-6  # fixed cost per operator call on the host
     gemv_gbps: dict[str, Curve] = field(default_factory=dict)  # measured weight GB/s by dtype, by rows
-    gemv_row_factor: Curve = ()  # (row length = in_features, batch-1 GEMV speed relative to gemv_gbps')
+    gemv_size_factor: Curve = ()  # (weight bytes, batch-1 GEMV speed relative to gemv_gbps' matrix)
     attention_gbps: float = 0.0  # KV bytes/s scanned by CPU attention; 0 = mem_bw * gemv_efficiency
     bus_gbps: float = 0.0  # DRAM bytes/s while copies and matmuls run at once (planner/membus.py); 0 = mem_bw
     copy_slowdown_s_per_gb: float = 0.0  # matmul seconds lost per GB copied beside them (measured)
@@ -134,8 +134,8 @@ def validate_profile(p: HardwareProfile) -> None:
                          ("host.matmul_efficiency", p.host.matmul_efficiency)):
         if not 0 < value <= 1:
             raise HardwareError(f"{where}: must be in (0, 1], got {value}")
-    for where, curve in (("accelerator.gemv_row_factor", p.accelerator.gemv_row_factor),
-                         ("host.gemv_row_factor", p.host.gemv_row_factor)):
+    for where, curve in (("accelerator.gemv_size_factor", p.accelerator.gemv_size_factor),
+                         ("host.gemv_size_factor", p.host.gemv_size_factor)):
         if any(size <= 0 or factor <= 0 for size, factor in curve):
             raise HardwareError(f"{where}: sizes and factors must be positive")
     for name in ("h2d_curve", "d2h_curve", "h2d_pageable_curve", "d2h_pageable_curve"):
@@ -167,17 +167,16 @@ def curve_gbps(curve: Curve, size_bytes: float, flat_gbps: float) -> float:
 
 
 def weight_read_gbps(gemv_gbps: dict[str, Curve], dtype: str, rows: float, mem_bw_gbps: float,
-                     gemv_efficiency: float, row_length: float = 0.0, row_factor: Curve = ()) -> float:
+                     gemv_efficiency: float, weight_bytes: float = 0.0, size_factor: Curve = ()) -> float:
     """GB/s at which a matmul of `rows` input rows streams its `dtype` weights: the measured
     curve when the profile has one for that dtype (matrix-vector kernels get slower per byte
     as rows grow on CPUs), else the datasheet bandwidth times the GEMV efficiency; scaled by
-    the measured row factor at the weight's `row_length` (in_features): a matrix-vector product
-    over short rows streams slower than over the profiler's 4096-long ones (each row is a
-    separate stream for the prefetchers; 1024-long rows ran at 73 % on the development VM)."""
+    the measured size factor at `weight_bytes` (small matrices stream slower than the
+    profiler's reference matrix: per-call start-up, prefetchers, too few blocks to fill a GPU)."""
     curve = gemv_gbps.get(dtype)
     base = curve_gbps(curve, max(rows, 1.0), mem_bw_gbps * gemv_efficiency) if curve else mem_bw_gbps * gemv_efficiency
-    if row_length > 0 and row_factor:
-        return base * curve_gbps(row_factor, row_length, 1.0)
+    if weight_bytes > 0 and size_factor:
+        return base * curve_gbps(size_factor, weight_bytes, 1.0)
     return base
 
 

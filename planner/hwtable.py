@@ -78,7 +78,7 @@ def _accelerator_rows(p: HardwareProfile) -> list[Row]:
              ("matmul efficiency", f"{a.matmul_efficiency:.0%} of peak", "accelerator.matmul_efficiency"),
              ("GEMV efficiency", f"{a.gemv_efficiency:.0%} of memory bandwidth",
               "accelerator.gemv_efficiency"),
-             *_row_length_rows("accelerator", a.gemv_row_factor), *_packed_rows("accelerator", a.gemv_gbps),
+             *_size_rows("accelerator", a.gemv_size_factor), *_packed_rows("accelerator", a.gemv_gbps),
              ("operator overhead", fmt_time(a.op_overhead_s), "accelerator.op_overhead_s")]
     if a.layer_overhead_s:
         rows.append(("decode overhead", f"{fmt_time(a.layer_overhead_s)} per layer, "
@@ -130,7 +130,7 @@ def _host_rows(p: HardwareProfile) -> list[Row]:
              *_flops_rows("host", h.flops_tflops),
              ("matmul efficiency", f"{h.matmul_efficiency:.0%} of peak", "host.matmul_efficiency"),
              ("GEMV efficiency", f"{h.gemv_efficiency:.0%} of memory bandwidth", "host.gemv_efficiency"),
-             *_row_length_rows("host", h.gemv_row_factor), *_packed_rows("host", h.gemv_gbps),
+             *_size_rows("host", h.gemv_size_factor), *_packed_rows("host", h.gemv_gbps),
              ("operator overhead", fmt_time(h.op_overhead_s), "host.op_overhead_s"),
              ("attention", attention, "host.attention_gbps"),
              *([("worker hand-off", f"{fmt_time(h.task_overhead_s)} per compensation branch",
@@ -147,12 +147,12 @@ def _packed_rows(prefix: str, gemv_gbps) -> list[Row]:
     return [("quantized GEMV", f"{text} (packed bytes)", f"{prefix}.gemv_gbps")]
 
 
-def _row_length_rows(prefix: str, factor) -> list[Row]:
-    """The GEMV row factor as one row: 'in=1024 73% · 2048 90% · 4096 100%'."""
+def _size_rows(prefix: str, factor) -> list[Row]:
+    """The GEMV size factor as one row: '2M 71% · 16M 86% · 64M 100%'."""
     if not factor:
         return []
-    points = " · ".join(f"{length:.0f} {f:.0%}" for length, f in factor)
-    return [("GEMV by row length", f"in={points}", f"{prefix}.gemv_row_factor")]
+    points = " · ".join(f"{fmt_size_short(size)} {f:.0%}" for size, f in factor)
+    return [("GEMV by matrix size", points, f"{prefix}.gemv_size_factor")]
 
 
 def _reserve_rows(p: HardwareProfile) -> list[Row]:

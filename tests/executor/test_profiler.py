@@ -52,7 +52,7 @@ def assert_sane(p: HardwareProfile, threads: int) -> None:
     assert a.layer_overhead_s + a.head_overhead_s > 0
     assert 0.1 < a.elementwise_gbps < 1000 and 1e-4 < a.attention_tflops < 1000
     assert h.bus_gbps >= 1 and h.copy_slowdown_s_per_gb >= 0 and 0 <= h.task_overhead_s < 0.1
-    assert a.gemv_row_factor and all(length > 0 and f > 0 for length, f in a.gemv_row_factor)
+    assert a.gemv_size_factor and all(size > 0 and f > 0 for size, f in a.gemv_size_factor)
     # loopback: the CPU's figures on both sides, and available RAM split between them
     assert (a.mem_bw_gbps, a.flops_tflops) == (h.mem_bw_gbps, h.flops_tflops)
     assert abs(a.memory_bytes - h.memory_bytes) <= 1 and h.available_bytes == h.memory_bytes
@@ -223,12 +223,12 @@ def test_compute_figures_take_the_best_shape_and_clamp_gemv_efficiency():
     # the dequantizing matmul is rated in the packed bytes the planner counts for the matrix
     packed = measure.QUANT_FORMAT[4].bytes_for(1024 * 1024)
     assert c.gemv_gbps["int4"][1].value == pytest.approx(packed / 1e-3 / 1e9, rel=1e-3)
-    assert c.gemv_row_factor() == ()  # SYNTH times no row lengths
-    with_rows = replace(SYNTH, gemv_row_shapes=((256, 512),))
-    short = 256 * 512 * 2
-    c_rows = measure.compute_figures(target, {**timings, "host.gemv_row.256x512": Timing(short / 12.5e9, 0.1, 3)},
-                                     with_rows)
-    assert c_rows.gemv_row_factor() == ((512.0, 0.5), (1024.0, 1.0))  # 12.5 / 25 GB/s; the reference in=1024
+    assert c.gemv_size_factor() == ()  # SYNTH times no sizes
+    sized = replace(SYNTH, gemv_size_shapes=((256, 1024),))
+    small = 256 * 1024 * 2
+    c_sized = measure.compute_figures(target, {**timings, "host.gemv_size.256x1024": Timing(small / 12.5e9, 0.1, 3)},
+                                      sized)
+    assert c_sized.gemv_size_factor() == ((float(small), 0.5), (float(weight_bytes), 1.0))  # 12.5 / 25 GB/s
     assert c.mem_bw_gbps.value == pytest.approx(20.0)
     assert c.flops_tflops["bf16"] == Figure(0.2, 0.2)
     assert c.gemv_efficiency().value == 1.0  # 25 GB/s / 20 GB/s, clamped

@@ -303,31 +303,18 @@ def test_measured_gemv_curve_sets_weight_bandwidth_by_dtype_and_rows():
                      rows=1) == pytest.approx(profile.host.op_overhead_s + n_bytes / 20e9)
 
 
-def test_measured_row_factor_slows_matrices_with_short_rows():
-    from planner.cost import acc_op_s, tensor_options
+def test_measured_size_factor_slows_small_matrices():
+    from planner.cost import acc_op_s
     from planner.hardware import weight_read_gbps
     rows_curve = {"fp32": ((1.0, 20.0),)}
-    row_factor = ((1024.0, 0.5), (4096.0, 1.0))  # 1024-long rows stream at half the 4096-long rate
-    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 1024, row_factor) == pytest.approx(10.0)
-    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 2048, row_factor) == pytest.approx(15.0)  # log-halfway
-    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 16384, row_factor) == pytest.approx(20.0)
-    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 0.0, row_factor) == 20.0  # not a weight
+    size_factor = ((2**21, 0.5), (2**26, 1.0))  # 2 MiB matrices stream at half the 64 MiB rate
+    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 2**21, size_factor) == pytest.approx(10.0)
+    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 2**30, size_factor) == pytest.approx(20.0)
+    assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 0.0, size_factor) == 20.0  # not a weight
     p = load_profile("rtx4090")
-    p = replace(p, accelerator=replace(p.accelerator, gemv_gbps=rows_curve, gemv_row_factor=row_factor))
-    assert acc_op_s(p, "fp32", 0.0, 2**21, 1, row_length=1024) == pytest.approx(p.accelerator.op_overhead_s + 2**21 / 10e9)
-    # a matrix's row length is its in_features: down_proj (in = intermediate) reads faster than up_proj (in = hidden)
-    spec = _spec(hidden=1024, intermediate=4096, heads=8, kv_heads=2, dtype="fp32")
-    scn = Scenario(spec, p, Workload(1, 64, 16))
-    by_name = {t.name: t for t in spec.tensors()}
-
-    def weight_s(name):
-        t = by_name[name]
-        o = next(o for o in tensor_options(scn, t) if o.device == "gpu")
-        return o.decode.acc_s - p.accelerator.op_overhead_s, t.n_bytes + (t.rows + t.cols) * 4
-
-    up_s, up_bytes = weight_s("layers.0.mlp.up_proj")
-    down_s, down_bytes = weight_s("layers.0.mlp.down_proj")
-    assert up_bytes / up_s == pytest.approx(10e9) and down_bytes / down_s == pytest.approx(20e9)
+    p = replace(p, accelerator=replace(p.accelerator, gemv_gbps=rows_curve, gemv_size_factor=size_factor))
+    assert acc_op_s(p, "fp32", 0.0, 2**21, 1, weight_bytes=2**21) == pytest.approx(
+        p.accelerator.op_overhead_s + 2**21 / 10e9)
 
 
 def test_measured_dispatch_overheads_replace_the_operator_count():
