@@ -17,7 +17,7 @@ from functools import cached_property
 
 from .hardware import HardwareProfile, curve_gbps, flops_for, weight_read_gbps
 from .membus import kv_bus_s, weight_bus
-from .spec import ModelSpec, TensorSpec, Workload
+from .spec import DTYPE_BYTES, ModelSpec, TensorSpec, Workload
 
 # Host fraction levels offered to the ILP for each layer's KV cache (oldest tokens first).
 KV_LEVELS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -25,6 +25,9 @@ KV_LEVELS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 # gate product, cache append): each costs one operator overhead on the accelerator, when the
 # profile has no measured per-layer overhead.
 ELEMENTWISE_OPS_PER_LAYER = 8
+# Compensation factors A, B live on the host in fp32 whatever the model's dtype: the branch
+# is a CPU matmul, and fp32 is what CPUs multiply fastest and what the executor builds.
+FACTOR_DTYPE = "fp32"
 # Operators whose overhead the option tables already charge: per layer 7 matmuls and the
 # attention; per step the embedding lookup and the lm_head.
 CHARGED_OPS_PER_LAYER = 8
@@ -254,17 +257,18 @@ def _embed_lookup(scn: Scenario, device: str, rows: int) -> PathCost:
 
 
 def compensation_branch(scn: Scenario, t: TensorSpec, rank: int, rows: int) -> PathCost:
-    """CPU branch (x·A)·B of a rank-`rank` residual, with x down and the correction up."""
-    factor_bytes = rank * (t.rows + t.cols) * scn.act_bytes
+    """CPU branch (x·A)·B of a rank-`rank` residual in fp32, with x down and the correction up."""
+    factor_bytes = compensation_bytes(scn, t, rank)
     flops = 2.0 * rows * rank * (t.rows + t.cols)
-    cpu = (host_op_s(scn.profile, scn.spec.dtype, flops, factor_bytes, rows, factor_bytes)
+    cpu = (host_op_s(scn.profile, FACTOR_DTYPE, flops, factor_bytes, rows, factor_bytes)
            + scn.profile.host.op_overhead_s)
     xfer = d2h_s(scn.profile, rows * t.cols * scn.act_bytes) + h2d_s(scn.profile, rows * t.rows * scn.act_bytes)
     return PathCost(cpu_s=cpu, xfer_s=xfer)
 
 
 def compensation_bytes(scn: Scenario, t: TensorSpec, rank: int) -> int:
-    return rank * (t.rows + t.cols) * scn.act_bytes
+    """Host bytes of A [in, rank] and B [rank, out], kept in fp32 (executor/compensate_model.py)."""
+    return rank * (t.rows + t.cols) * DTYPE_BYTES[FACTOR_DTYPE]
 
 
 def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
