@@ -31,13 +31,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from planner.cost import Scenario, expected_tokens_per_step
+from planner.cost import Scenario
 from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source, load_profile
 from planner.ilp import SolverOptions
 from planner.modelfile import DraftCandidate
 from planner.placement import uniform_placement
 from planner.predict import evaluate
 from planner.render_search import draft_summary
+from planner.roofline import expected_tokens_per_step
 from planner.search import search
 from planner.spec import ModelSpec, Workload
 from planner.units import fmt_bytes

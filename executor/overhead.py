@@ -7,6 +7,10 @@ PyTorch dispatcher, a kernel launch) rather than its bytes. The profiler measure
 directly: it times decode steps of the same decoder at a negligible width with two depths;
 the difference per extra layer is the per-layer overhead, the rest is the per-step overhead
 of embedding + head. Using the real model code keeps the figure honest as the model changes.
+
+The same approach prices the other costs bytes and flops miss: what splitting a layer's KV
+cache adds to its attention, the element-wise operators and causal attention of a prefill
+at a realistic width, and the hand-off of a compensation branch to the host worker thread.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from planner.cost import h2d_s
 from planner.errors import PlanError
 from planner.plan import Plan, PredictedSummary, summarize
 from planner.predict import evaluate
+from planner.roofline import h2d_s
 from planner.spec import Workload
 
 from .model import Transformer

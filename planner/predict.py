@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from .cost import (KVOption, PathCost, Scenario, TensorOption, head_fixed, kv_options, layer_fixed,
-                   tensor_options)
+from .cost import KVOption, Scenario, TensorOption, head_fixed, kv_options, layer_fixed, tensor_options
 from .cost_terms import (acc_workspace_bytes, draft_prefill_s, draft_step_s, draft_vram_bytes,
                          host_staging_bytes)
 from .errors import PlanError
 from .placement import Placement, check_placement
+from .roofline import PathCost
 from .spec import TensorSpec
 
 RESOURCES = ("accelerator", "cpu", "transfers", "link", "memory")

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import pulp
 
-from .cost import Scenario, expected_tokens_per_step
+from .cost import Scenario
 from .errors import InfeasiblePlanError, OffplanError
 from .hardware import HardwareProfile
 from .ilp import MS, Solution, SolverOptions, build_problem, check_lower_bounds, pick_solver
@@ -41,6 +41,7 @@ from .quality import solve_compensated
 from .modelfile import DraftCandidate
 from .plan import Plan, make_plan
 from .predict import OptionTables, option_tables
+from .roofline import expected_tokens_per_step
 from .spec import ModelSpec, Workload
 from .units import fmt_seconds
 

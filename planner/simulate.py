@@ -25,13 +25,13 @@ import heapq
 from dataclasses import dataclass
 from functools import partial
 
-from .cost import (PathCost, Scenario, activation_transfer_s, attention_decode_parts, compensation_branch, h2d_s,
-                   matmul_rows)
+from .cost import Scenario, activation_transfer_s, attention_decode_parts, compensation_branch, matmul_rows
 from .errors import OffplanError
 from .hardware import HardwareProfile
 from .placement import Placement, check_placement
 from .plan import Plan
 from .predict import Prediction, chosen_options, find_option, option_tables, predict
+from .roofline import PathCost, h2d_s
 from .spec import TensorSpec
 
 RESOURCES = ("accelerator", "h2d", "d2h", "cpu")

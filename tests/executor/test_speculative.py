@@ -13,8 +13,8 @@ from executor.model import KVCache, Transformer
 from executor.speculative import (acceptance_from_steps, greedy_generate, load_prompts, measure_acceptance,
                                   prepare_caches, SpecStep, speculative_generate, truncated_draft)
 from executor.weights import synthetic_model
-from planner.cost import expected_tokens_per_step
 from planner.errors import OffplanError, SpecError
+from planner.roofline import expected_tokens_per_step
 
 GEN = 40
 

@@ -9,11 +9,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from planner.cost import (
-    KV_LEVELS, Scenario, acc_op_s, attention_decode, d2h_s, expected_tokens_per_step, h2d_s, host_attention_s,
-    host_op_s, kv_options, mean_host_tokens, roofline_s, tensor_options, touched_fraction)
+from planner.cost import KV_LEVELS, Scenario, attention_decode, kv_options, mean_host_tokens, tensor_options
 from planner.hardware import flops_for, load_profile
 from planner.presets import preset
+from planner.roofline import (acc_op_s, d2h_s, expected_tokens_per_step, h2d_s, host_attention_s, host_op_s,
+                              roofline_s, touched_fraction)
 from planner.spec import ModelSpec, MoE, Quantization, Workload
 
 GIB = 2**30
@@ -284,7 +284,7 @@ def test_expert_weights_are_touched_by_the_routed_share(rtx4090):
 
 def test_measured_gemv_curve_sets_weight_bandwidth_by_dtype_and_rows():
     from dataclasses import replace as dc_replace
-    from planner.cost import acc_op_s, host_op_s
+    from planner.roofline import acc_op_s, host_op_s
     from planner.hardware import weight_read_gbps
     curve = {"fp32": ((1.0, 20.0), (16.0, 5.0))}
     assert weight_read_gbps(curve, "fp32", 1, 100.0, 0.5) == 20.0
@@ -304,7 +304,7 @@ def test_measured_gemv_curve_sets_weight_bandwidth_by_dtype_and_rows():
 
 
 def test_measured_size_factor_slows_small_matrices():
-    from planner.cost import acc_op_s
+    from planner.roofline import acc_op_s
     from planner.hardware import weight_read_gbps
     rows_curve = {"fp32": ((1.0, 20.0),)}
     size_factor = ((2**21, 0.5), (2**26, 1.0))  # 2 MiB matrices stream at half the 64 MiB rate
@@ -362,7 +362,8 @@ def test_quantized_matrices_read_at_the_measured_packed_speed():
 
 
 def test_measured_prefill_rates_replace_bandwidth_and_matmul_peak():
-    from planner.cost import attention_prefill, attention_prefill_flops, elementwise_bytes, layer_fixed, layer_dispatch_s
+    from planner.cost import (attention_prefill, attention_prefill_flops, elementwise_bytes, layer_dispatch_s,
+                              layer_fixed)
     p = load_profile("rtx4090")
     spec = _spec()
     wl = Workload(1, 512, 16)

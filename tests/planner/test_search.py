@@ -10,13 +10,14 @@ import pytest
 from rich.console import Console
 
 from assets.random_instances import tight_instance
-from planner.cost import Scenario, expected_tokens_per_step
+from planner.cost import Scenario
 from planner.errors import InfeasiblePlanError, OffplanError
 from planner.hardware import load_profile, with_overrides
 from planner.ilp import SolverOptions, solve_placement
 from planner.modelfile import DraftCandidate
 from planner.presets import preset
 from planner.render_search import alternatives_table, draft_summary
+from planner.roofline import expected_tokens_per_step
 from planner.search import Candidate, search, search_plan
 from planner.spec import ModelSpec, Quantization, Workload
 
