@@ -104,7 +104,6 @@ class PathCost:
                         self.xfer_s + other.xfer_s, self.hidden_cpu_s + other.hidden_cpu_s)
 
 
-ZERO = PathCost()
 
 
 def parallel(acc_side: PathCost, cpu_side: PathCost) -> PathCost:
