@@ -104,8 +104,6 @@ class PathCost:
                         self.xfer_s + other.xfer_s, self.hidden_cpu_s + other.hidden_cpu_s)
 
 
-
-
 def parallel(acc_side: PathCost, cpu_side: PathCost) -> PathCost:
     """Two branches that run concurrently: the longer is the path, the other is hidden."""
     if acc_side.total_s >= cpu_side.total_s:
