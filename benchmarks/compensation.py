@@ -26,14 +26,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from planner.compensation_time import compensation_time
-from planner.cost import Scenario
-from planner.hardware import load_profile, with_overrides
-from planner.ilp import SolverOptions, solve_placement
-from planner.quality import solve_compensated, uncompensated
-from planner.predict import option_tables
-from planner.ranks import compensation_settings
-from planner.spec import ModelSpec, Quantization, Workload
+from planner.cost.compensation import compensation_time
+from planner.cost.options import Scenario
+from planner.hardware.profile import load_profile, with_overrides
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.solve.quality import solve_compensated, uncompensated
+from planner.cost.evaluate import option_tables
+from planner.model.ranks import compensation_settings
+from planner.model.spec import ModelSpec, Quantization, Workload
 
 from executor.compensate_model import compensate_model
 from executor.sensitivity import collect_second_moments, random_prompts, sensitivity

@@ -18,16 +18,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from planner.baselines import run_baselines
-from planner.cost import Scenario
+from planner.solve.baselines import run_baselines
+from planner.cost.options import Scenario
 from planner.errors import OffplanError
-from planner.hardware import HardwareProfile, load_profile, with_overrides
-from planner.ilp import SolverOptions, solve_placement
-from planner.plan import Plan, make_plan
-from planner.predict import option_tables
-from planner.presets import preset
-from planner.simulate import simulate_plan
-from planner.spec import Quantization, Workload
+from planner.hardware.profile import HardwareProfile, load_profile, with_overrides
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.plan.record import Plan, make_plan
+from planner.cost.evaluate import option_tables
+from planner.model.presets import preset
+from planner.simulate.engine import simulate_plan
+from planner.model.spec import Quantization, Workload
 from planner.units import GIB, fmt_seconds
 
 WORKLOAD = Workload(batch=1, prompt=512, gen=128)

@@ -29,17 +29,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from planner.baselines import run_baselines
-from planner.cost import Scenario
-from planner.hardware import load_profile, with_overrides
-from planner.ilp import solve_placement
-from planner.modelfile import load_model_file
-from planner.placement import uniform_placement
-from planner.plan import load_plan, make_plan, save_plan
-from planner.spec import Workload
+from planner.solve.baselines import run_baselines
+from planner.cost.options import Scenario
+from planner.hardware.profile import load_profile, with_overrides
+from planner.solve.ilp import solve_placement
+from planner.model.modelfile import load_model_file
+from planner.model.placement import uniform_placement
+from planner.plan.record import load_plan, make_plan, save_plan
+from planner.model.spec import Workload
 from planner.units import GIB
 
-from planner.simulate import simulate_plan
+from planner.simulate.engine import simulate_plan
 
 from executor.run import error_pct
 
@@ -55,7 +55,7 @@ def run_in_process(plan, threads: int, workdir: Path, index: int) -> dict:
     """`offplan run` of `plan` in a fresh Python process; its JSON report."""
     plan_path, report_path = workdir / f"plan-{index}.yaml", workdir / f"report-{index}.json"
     save_plan(plan, plan_path)
-    command = [sys.executable, "-c", "from planner.cli import main; main()", "run", str(plan_path),
+    command = [sys.executable, "-c", "from planner.cli.app import main; main()", "run", str(plan_path),
                "--synthetic", "--threads", str(threads), "--json", str(report_path)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

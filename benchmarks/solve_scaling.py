@@ -24,13 +24,13 @@ from dataclasses import dataclass, replace
 
 import pulp
 
-from planner.cost import Scenario
+from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError
-from planner.hardware import load_profile, with_overrides
-from planner.ilp import MS, SolverOptions, build_problem, layer_groups, pick_solver, solve_placement
-from planner.predict import option_tables
-from planner.presets import preset
-from planner.spec import Quantization, Workload
+from planner.hardware.profile import load_profile, with_overrides
+from planner.solve.ilp import MS, SolverOptions, build_problem, layer_groups, pick_solver, solve_placement
+from planner.cost.evaluate import option_tables
+from planner.model.presets import preset
+from planner.model.spec import Quantization, Workload
 from planner.units import GIB
 
 WORKLOAD = Workload(batch=1, prompt=2048, gen=256)

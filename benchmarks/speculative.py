@@ -31,16 +31,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from planner.cost import Scenario
-from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source, load_profile
-from planner.ilp import SolverOptions
-from planner.modelfile import DraftCandidate
-from planner.placement import uniform_placement
-from planner.predict import evaluate
-from planner.render_search import draft_summary
-from planner.roofline import expected_tokens_per_step
-from planner.search import search
-from planner.spec import ModelSpec, Workload
+from planner.cost.options import Scenario
+from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, Source, load_profile
+from planner.solve.ilp import SolverOptions
+from planner.model.modelfile import DraftCandidate
+from planner.model.placement import uniform_placement
+from planner.cost.evaluate import evaluate
+from planner.cli.render_search import draft_summary
+from planner.cost.roofline import expected_tokens_per_step
+from planner.solve.drafts import search
+from planner.model.spec import ModelSpec, Workload
 from planner.units import fmt_bytes
 
 from executor.model import Transformer

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from planner.errors import PlanError, SpecError
-from planner.plan import Plan
-from planner.ranks import quantized_tensors
-from planner.spec import Quantization
+from planner.plan.record import Plan
+from planner.model.ranks import quantized_tensors
+from planner.model.spec import Quantization
 
 from .compensation import CompensatedLinear
 from .model import Transformer

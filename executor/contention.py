@@ -3,7 +3,7 @@
 The executor copies the next stage's weights on a copy thread (loopback) or by DMA (CUDA)
 while the current stage computes; on loopback the compute reads DRAM too, and on both a
 CPU-computed matmul does. Timing each alone overstates what they reach together, because
-they share the memory bus (planner/membus.py). This probe runs both at once, as the
+they share the memory bus (planner/cost/membus.py). This probe runs both at once, as the
 executor does, for a fixed time, and reports the host DRAM traffic they achieved together.
 """
 

@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from planner.hardware import Link
-from planner.spec import Quantization
+from planner.hardware.profile import Link
+from planner.model.spec import Quantization
 from planner.units import fmt_bytes
 
 from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, attention_prefill_timing, attention_tflops,
@@ -39,7 +39,7 @@ MAX_SLOTS = 1024
 TINY_COPY_BYTES = 256  # a transfer whose time is all latency
 CPU_DTYPES = ("fp32", "bf16")  # fp16 matmul on CPUs is a slow emulated path nothing uses
 CUDA_DTYPES = ("bf16", "fp16", "fp32")
-# Packed formats whose matmul is timed, as the planner counts their bytes (planner/spec.py).
+# Packed formats whose matmul is timed, as the planner counts their bytes (planner/model/spec.py).
 QUANT_GROUP = 128
 QUANT_FORMAT = {bits: Quantization(bits, QUANT_GROUP) for bits in (4, 8)}
 QUANT_MAX_DIM = 2048  # the dequantizing matmul is slow: a smaller matrix keeps the profile short

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.errors import SpecError
-from planner.spec import ModelSpec
+from planner.model.spec import ModelSpec
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from planner.errors import PlanError
-from planner.plan import Plan
+from planner.plan.record import Plan
 
 from .attention import HybridKVCache, split_tokens
 from .compensation import CompensatedLinear

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from planner.cost import attention_prefill_flops, elementwise_bytes
-from planner.spec import ModelSpec
+from planner.cost.options import attention_prefill_flops, elementwise_bytes
+from planner.model.spec import ModelSpec
 
 from .attention import HybridKVCache
 from .compensation import CompensatedLinear

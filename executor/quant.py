@@ -3,7 +3,7 @@
 Layout follows torch Linear: a weight W is [out_features, in_features] and groups run along
 the input dimension, so each row is cut into `in_features / group_size` groups that each own
 one fp16 scale (and, when asymmetric, one fp16 zero point holding an integer code). This is
-the byte layout `planner.spec.Quantization.bytes_for` charges for.
+the byte layout `planner.model.spec.Quantization.bytes_for` charges for.
 
 Codes are always stored unsigned in [0, 2^bits - 1]:
 - symmetric:  w ≈ (code - 2^(bits-1)) · scale, scale = absmax / (2^(bits-1) - 1);

@@ -1,4 +1,4 @@
-"""Measured timeline of a run, in the simulator's event format (planner.simulate.Event), so
+"""Measured timeline of a run, in the simulator's event format (planner.simulate.engine.Event), so
 `offplan run --trace` and `offplan simulate --trace` open side by side in Perfetto.
 
 Events are wall-clock intervals relative to the recorder's start. On the loopback device
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from planner.simulate import Event
+from planner.simulate.engine import Event
 
 MAX_EVENTS = 200_000  # keeps a long run's trace file reasonable; later events are dropped
 

@@ -16,10 +16,10 @@ from typing import Callable
 import torch
 
 from planner.errors import PlanError
-from planner.plan import Plan, PredictedSummary, summarize
-from planner.predict import evaluate
-from planner.roofline import h2d_s
-from planner.spec import Workload
+from planner.plan.record import Plan, PredictedSummary, summarize
+from planner.cost.evaluate import evaluate
+from planner.cost.roofline import h2d_s
+from planner.model.spec import Workload
 
 from .model import Transformer
 from .offload import OffloadHandle, apply_plan
@@ -67,7 +67,7 @@ class Measured:
     cpu_linear_s_per_step: float
     tokens: tuple[tuple[int, ...], ...]  # generated tokens per sequence
     stages: tuple[StageMeasure, ...] = ()
-    events: tuple = ()  # planner.trace.Event tuples when tracing
+    events: tuple = ()  # planner.simulate.trace.Event tuples when tracing
     acceptance: float | None = None  # speculative decoding: measured per-token acceptance
     tokens_per_step: float | None = None  # measured E
 

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from planner.errors import SpecError
-from planner.ranks import RankTable, aggregate_kinds, check_ranks, quantized_tensors
-from planner.spec import ModelSpec
+from planner.model.ranks import RankTable, aggregate_kinds, check_ranks, quantized_tensors
+from planner.model.spec import ModelSpec
 
 from .compensation import calibration_second_moment
 from .model import Transformer

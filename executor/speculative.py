@@ -22,7 +22,7 @@ Acceptance rate (per token, 0..1): accepted proposals / proposals the target exa
 a proposal is examined when every earlier proposal of its step was accepted (a step with k
 accepted of gamma examined k + 1 proposals when k < gamma, gamma when k = gamma). For
 i.i.d. per-token acceptance with probability a this estimates a itself (it is the maximum-
-likelihood estimate), so E = (1 - a^(g+1)) / (1 - a) of planner.cost holds for any g.
+likelihood estimate), so E = (1 - a^(g+1)) / (1 - a) of planner.cost.options holds for any g.
 The ratio accepted / proposed is smaller (it is (E - 1) / g) and is not what the planner wants.
 """
 

@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from planner.errors import PlanError, SpecError
-from planner.hfconfig import hf_config_from_spec, load_hf_config
+from planner.model.hfconfig import hf_config_from_spec, load_hf_config
 from planner.schema import atomic_write
-from planner.spec import ModelSpec
+from planner.model.spec import ModelSpec
 
 from .model import Transformer, torch_dtype
 

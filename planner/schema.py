@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import OffplanError
-from .units import parse_bytes
+from planner.errors import OffplanError
+from planner.units import parse_bytes
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import OffplanError
+from planner.errors import OffplanError
 
 _SIZE_UNITS = {
     "": 1, "b": 1,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.spec import ModelSpec
+from planner.model.spec import ModelSpec
 
 
 def tiny_spec(**overrides) -> ModelSpec:

@@ -11,11 +11,11 @@ import math
 import random
 from dataclasses import dataclass, replace
 
-from planner.cost import Scenario
-from planner.cost_terms import acc_workspace_bytes, draft_vram_bytes, host_staging_bytes
-from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source
-from planner.predict import OptionTables, Prediction, option_tables, predict
-from planner.spec import ModelSpec, Quantization, Workload
+from planner.cost.options import Scenario
+from planner.cost.terms import acc_workspace_bytes, draft_vram_bytes, host_staging_bytes
+from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, Source
+from planner.cost.evaluate import OptionTables, Prediction, option_tables, predict
+from planner.model.spec import ModelSpec, Quantization, Workload
 
 GIB = 2**30
 
@@ -62,7 +62,7 @@ def random_profile(rng: random.Random, vram_bytes: int = 64 * GIB, host_bytes: i
                 flops_tflops={"fp32": _log_uniform(rng, 0.005, 0.1)}, gemv_efficiency=rng.uniform(0.5, 1.0),
                 matmul_efficiency=rng.uniform(0.5, 1.0), op_overhead_s=_log_uniform(rng, 1e-7, 5e-6),
                 attention_gbps=rng.choice((0.0, _log_uniform(rng, 1.0, 10.0))))
-    # The host memory bus (planner/membus.py): loopback doubles copy traffic and adds the
+    # The host memory bus (planner/cost/membus.py): loopback doubles copy traffic and adds the
     # accelerator's reads; a measured bus figure replaces mem_bw_gbps; a host worker hand-off
     # is paid per compensation branch. Drawn from a second
     # generator seeded by a figure above, so that `rng` (and every instance callers build

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from planner.plan import load_plan
-from planner.ranks import load_rank_table
+from planner.plan.record import load_plan
+from planner.model.ranks import load_rank_table
 
 ASSETS = Path(__file__).parent.parent / "assets"
 MODEL = """version: 1

@@ -261,7 +261,7 @@ def test_plain_ffn_uses_gelu() -> None:
 
 
 def test_moe_spec_is_rejected() -> None:
-    from planner.spec import MoE
+    from planner.model.spec import MoE
     with pytest.raises(SpecError, match="does not run MoE"):
         Transformer(tiny_spec(family="mixtral", moe=MoE(experts=4, active=2, expert_intermediate=32)))
 

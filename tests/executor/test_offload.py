@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner.cost import Scenario
+from planner.cost.options import Scenario
 from planner.errors import PlanError
-from planner.hardware import load_profile
-from planner.placement import Placement, uniform_placement
-from planner.plan import make_plan, save_plan
-from planner.spec import ModelSpec, Workload
+from planner.hardware.profile import load_profile
+from planner.model.placement import Placement, uniform_placement
+from planner.plan.record import make_plan, save_plan
+from planner.model.spec import ModelSpec, Workload
 from executor.offload import apply_plan
 from executor.run import RunOptions, _planned_vram, run_plan
 from executor.streams import Devices
@@ -209,7 +209,7 @@ def test_measured_trace_respects_dependencies(tmp_path):
 
 
 def test_quantized_compensated_plan_runs_like_the_compensated_model_without_offload():
-    from planner.spec import Quantization
+    from planner.model.spec import Quantization
     from executor.compensate_model import compensate_model
     spec = small_spec(quantization=Quantization(bits=4, group_size=32))
     names = [t.name for t in spec.tensors()]

@@ -14,8 +14,8 @@ import yaml
 from executor import measure, overhead, profiler, timing
 from executor.measure import Figure, Settings, Target, Timing
 from planner.errors import HardwareError
-from planner.hardware import HardwareProfile, load_profile, save_profile
-from planner.roofline import h2d_s
+from planner.hardware.profile import HardwareProfile, load_profile, save_profile
+from planner.cost.roofline import h2d_s
 
 MIB = 2**20
 loopback_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the loopback profile")

@@ -16,12 +16,12 @@ from executor.offload import PlacedLinear, apply_plan
 from executor.run import RunOptions, run_plan
 from executor.streams import Devices
 from executor.weights import synthetic_model
-from planner.cost import Scenario
-from planner.hardware import load_profile
-from planner.placement import Placement, uniform_placement
-from planner.plan import make_plan
-from planner.ranks import quantized_tensors
-from planner.spec import ModelSpec, Quantization, Workload
+from planner.cost.options import Scenario
+from planner.hardware.profile import load_profile
+from planner.model.placement import Placement, uniform_placement
+from planner.plan.record import make_plan
+from planner.model.ranks import quantized_tensors
+from planner.model.spec import ModelSpec, Quantization, Workload
 
 PROFILE = load_profile(str(Path(__file__).parent.parent / "assets" / "loopback-test.yaml"))
 CPU = Devices(torch.device("cpu"), torch.device("cpu"))

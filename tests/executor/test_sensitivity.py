@@ -16,15 +16,15 @@ from executor.compensation import CompensatedLinear
 from executor.quant import QuantLinear
 from executor.sensitivity import collect_second_moments, random_prompts, sensitivity, synthetic_sensitivity
 from executor.weights import synthetic_model
-from planner.cost import Scenario
+from planner.cost.options import Scenario
 from planner.errors import PlanError, SpecError
-from planner.hardware import load_profile
-from planner.ilp import SolverOptions
-from planner.quality import solve_compensated
-from planner.modelfile import Compensation
-from planner.plan import make_plan
-from planner.ranks import check_table, compensation_settings, load_rank_table, quantized_tensors, save_rank_table
-from planner.spec import Quantization, Workload
+from planner.hardware.profile import load_profile
+from planner.solve.ilp import SolverOptions
+from planner.solve.quality import solve_compensated
+from planner.model.modelfile import Compensation
+from planner.plan.record import make_plan
+from planner.model.ranks import check_table, compensation_settings, load_rank_table, quantized_tensors, save_rank_table
+from planner.model.spec import Quantization, Workload
 
 RANKS = (0, 4, 8, 16, 32, 64)
 BITS, GROUP = 4, 32

@@ -14,7 +14,7 @@ from executor.speculative import (acceptance_from_steps, greedy_generate, load_p
                                   prepare_caches, SpecStep, speculative_generate, truncated_draft)
 from executor.weights import synthetic_model
 from planner.errors import OffplanError, SpecError
-from planner.roofline import expected_tokens_per_step
+from planner.cost.roofline import expected_tokens_per_step
 
 GEN = 40
 
@@ -216,11 +216,11 @@ def test_offloaded_target_with_streamed_weights_and_split_kv():
     """The loop runs on a target placed by apply_plan (streamed weights, half the KV cache on
     the host side) and still reproduces plain greedy decoding."""
     from executor.offload import apply_plan
-    from planner.cost import Scenario
-    from planner.hardware import load_profile
-    from planner.placement import uniform_placement
-    from planner.plan import make_plan
-    from planner.spec import Workload
+    from planner.cost.options import Scenario
+    from planner.hardware.profile import load_profile
+    from planner.model.placement import uniform_placement
+    from planner.plan.record import make_plan
+    from planner.model.spec import Workload
 
     spec, gen, gamma = tiny_spec(), 16, 3
     prompt = prompt_of(1, 6, seed=4)

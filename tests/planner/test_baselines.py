@@ -1,4 +1,4 @@
-"""Baselines (planner/baselines.py): each picks what its tool would pick, the largest share that
+"""Baselines (planner/solve/baselines.py): each picks what its tool would pick, the largest share that
 fits, scored by the same cost model; and none is ever predicted faster than the ILP plan."""
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 
 from assets.random_instances import GIB, random_spec, tight_instance, with_memory
-from planner.baselines import BASELINES, accelerate, llamacpp, run_baselines, stream_all
-from planner.cost import Scenario
-from planner.cost_terms import acc_workspace_bytes
+from planner.solve.baselines import BASELINES, accelerate, llamacpp, run_baselines, stream_all
+from planner.cost.options import Scenario
+from planner.cost.terms import acc_workspace_bytes
 from planner.errors import InfeasiblePlanError
-from planner.hardware import load_profile, with_overrides
-from planner.ilp import SolverOptions, solve_placement
-from planner.modelfile import load_model_file
-from planner.placement import Placement, with_devices
-from planner.predict import evaluate, option_tables
-from planner.presets import preset
-from planner.spec import Workload
+from planner.hardware.profile import load_profile, with_overrides
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.model.modelfile import load_model_file
+from planner.model.placement import Placement, with_devices
+from planner.cost.evaluate import evaluate, option_tables
+from planner.model.presets import preset
+from planner.model.spec import Workload
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
 GAP = 1e-6

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner.plan import load_plan, plan_to_yaml
+from planner.plan.record import load_plan, plan_to_yaml
 from planner.schema import stable_hash
 
 TESTS = Path(__file__).resolve().parents[1]

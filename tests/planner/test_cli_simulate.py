@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from planner.plan import load_plan
-from planner.trace import read_trace
+from planner.plan.record import load_plan
+from planner.simulate.trace import read_trace
 
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 

@@ -1,4 +1,4 @@
-"""Cost model formulas (planner/cost.py): rooflines, transfers, speculation, KV split, bytes."""
+"""Cost model formulas (planner/cost/options.py): rooflines, transfers, speculation, KV split, bytes."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from planner.cost import KV_LEVELS, Scenario, attention_decode, kv_options, mean_host_tokens, tensor_options
-from planner.hardware import flops_for, load_profile
-from planner.presets import preset
-from planner.roofline import (acc_op_s, d2h_s, expected_tokens_per_step, h2d_s, host_attention_s, host_op_s,
+from planner.cost.options import KV_LEVELS, Scenario, attention_decode, kv_options, mean_host_tokens, tensor_options
+from planner.hardware.profile import flops_for, load_profile
+from planner.model.presets import preset
+from planner.cost.roofline import (acc_op_s, d2h_s, expected_tokens_per_step, h2d_s, host_attention_s, host_op_s,
                               roofline_s, touched_fraction)
-from planner.spec import ModelSpec, MoE, Quantization, Workload
+from planner.model.spec import ModelSpec, MoE, Quantization, Workload
 
 GIB = 2**30
 
@@ -284,14 +284,14 @@ def test_expert_weights_are_touched_by_the_routed_share(rtx4090):
 
 def test_measured_gemv_curve_sets_weight_bandwidth_by_dtype_and_rows():
     from dataclasses import replace as dc_replace
-    from planner.roofline import acc_op_s, host_op_s
-    from planner.hardware import weight_read_gbps
+    from planner.cost.roofline import acc_op_s, host_op_s
+    from planner.hardware.profile import weight_read_gbps
     curve = {"fp32": ((1.0, 20.0), (16.0, 5.0))}
     assert weight_read_gbps(curve, "fp32", 1, 100.0, 0.5) == 20.0
     assert weight_read_gbps(curve, "fp32", 4, 100.0, 0.5) == pytest.approx(12.5)  # halfway in log(rows)
     assert weight_read_gbps(curve, "fp32", 64, 100.0, 0.5) == 5.0  # clamped past the last point
     assert weight_read_gbps(curve, "bf16", 4, 100.0, 0.5) == 50.0  # no curve: bandwidth x efficiency
-    import planner.hardware as hw
+    import planner.hardware.profile as hw
     profile = hw.load_profile("rtx4090")
     n_bytes = 1e9
     plain = acc_op_s(profile, "fp32", 0.0, n_bytes, rows=4)
@@ -304,8 +304,8 @@ def test_measured_gemv_curve_sets_weight_bandwidth_by_dtype_and_rows():
 
 
 def test_measured_size_factor_slows_small_matrices():
-    from planner.roofline import acc_op_s
-    from planner.hardware import weight_read_gbps
+    from planner.cost.roofline import acc_op_s
+    from planner.hardware.profile import weight_read_gbps
     rows_curve = {"fp32": ((1.0, 20.0),)}
     size_factor = ((2**21, 0.5), (2**26, 1.0))  # 2 MiB matrices stream at half the 64 MiB rate
     assert weight_read_gbps(rows_curve, "fp32", 1, 100.0, 0.5, 2**21, size_factor) == pytest.approx(10.0)
@@ -318,7 +318,7 @@ def test_measured_size_factor_slows_small_matrices():
 
 
 def test_measured_dispatch_overheads_replace_the_operator_count():
-    from planner.cost import (CHARGED_OPS_PER_HEAD, CHARGED_OPS_PER_LAYER, ELEMENTWISE_OPS_PER_LAYER, head_dispatch_s,
+    from planner.cost.options import (CHARGED_OPS_PER_HEAD, CHARGED_OPS_PER_LAYER, ELEMENTWISE_OPS_PER_LAYER, head_dispatch_s,
                               layer_dispatch_s, split_merge_s)
     p = load_profile("rtx4090")
     a = p.accelerator
@@ -362,7 +362,7 @@ def test_quantized_matrices_read_at_the_measured_packed_speed():
 
 
 def test_measured_prefill_rates_replace_bandwidth_and_matmul_peak():
-    from planner.cost import (attention_prefill, attention_prefill_flops, elementwise_bytes, layer_dispatch_s,
+    from planner.cost.options import (attention_prefill, attention_prefill_flops, elementwise_bytes, layer_dispatch_s,
                               layer_fixed)
     p = load_profile("rtx4090")
     spec = _spec()

@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 
 from planner.errors import SpecError
-from planner.gguf import (
+from planner.model.gguf import (
     GGML_TYPES,
     SkippedArray,
     TensorInfo,

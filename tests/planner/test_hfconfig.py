@@ -1,4 +1,4 @@
-"""planner.hfconfig: Hugging Face config.json -> ModelSpec, on configs of published models."""
+"""planner.model.hfconfig: Hugging Face config.json -> ModelSpec, on configs of published models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from planner.errors import SpecError
-from planner.hfconfig import hf_config_from_spec, load_hf_config, spec_from_hf_config
-from planner.spec import Quantization, RopeScaling
+from planner.model.hfconfig import hf_config_from_spec, load_hf_config, spec_from_hf_config
+from planner.model.spec import Quantization, RopeScaling
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -206,5 +206,5 @@ def test_error_is_one_line() -> None:
 
 
 def test_does_not_import_torch() -> None:
-    code = "import sys, planner.hfconfig; sys.exit('torch' in sys.modules)"
+    code = "import sys, planner.model.hfconfig; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from planner.errors import HardwareError
-from planner.hardware import (
+from planner.hardware.profile import (
     curve_gbps,
     load_profile,
     profile_from_data,

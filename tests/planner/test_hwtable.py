@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source, load_profile
-from planner.hwtable import (
+from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, Source, load_profile
+from planner.cli.render_hw import (
     curve_text,
     fmt_rate,
     fmt_time,
@@ -120,5 +120,5 @@ def test_small_formatters():
 
 
 def test_hwtable_does_not_import_torch():
-    code = "import sys, planner.hwtable; sys.exit('torch' in sys.modules)"
+    code = "import sys, planner.cli.render_hw; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,4 +1,4 @@
-"""The placement MILP (planner/ilp.py) finds exactly the optimum of the cost model.
+"""The placement MILP (planner/solve/ilp.py) finds exactly the optimum of the cost model.
 
 Small random problems are solved by brute force (every combination of tensor options and KV
 levels scored with predict()) and by the ILP; the two must agree. Larger problems check that
@@ -15,20 +15,20 @@ from pathlib import Path
 
 import pytest
 
-import planner.cost
+import planner.cost.options
 from assets.random_instances import (
     GIB, brute_force, memory_span, n_combinations, random_profile, random_spec, resident_vram_bytes, restrict,
     tight_instance, with_memory)
-from planner.cost import Scenario
-from planner.cost_terms import host_staging_bytes
+from planner.cost.options import Scenario
+from planner.cost.terms import host_staging_bytes
 from planner.errors import InfeasiblePlanError
-from planner.hardware import load_profile, with_overrides
-from planner.ilp import SolverOptions, layer_groups, solve_placement
-from planner.modelfile import load_model_file
-from planner.placement import Placement, uniform_placement
-from planner.predict import evaluate
-from planner.presets import preset
-from planner.spec import ModelSpec, Workload
+from planner.hardware.profile import load_profile, with_overrides
+from planner.solve.ilp import SolverOptions, layer_groups, solve_placement
+from planner.model.modelfile import load_model_file
+from planner.model.placement import Placement, uniform_placement
+from planner.cost.evaluate import evaluate
+from planner.model.presets import preset
+from planner.model.spec import ModelSpec, Workload
 from planner.units import fmt_bytes
 
 EXACT = SolverOptions(gap_rel=1e-9, time_limit_s=60.0)
@@ -81,7 +81,7 @@ def test_ilp_matches_brute_force_on_random_option_subsets(seed):
 def test_ilp_matches_brute_force_with_every_option(seed, monkeypatch):
     """One layer, plain MLP (7 weight tensors with all 4 options, the embedding with 2) and two
     KV levels: 65536 combinations, none left out."""
-    monkeypatch.setattr(planner.cost, "KV_LEVELS", (0.0, 0.5))
+    monkeypatch.setattr(planner.cost.options, "KV_LEVELS", (0.0, 0.5))
     rng = random.Random(seed)
     inst = tight_instance(rng, spec=random_spec(rng, layers=1, ffn="plain", quantized=False, scale=4),
                           below_resident=True)

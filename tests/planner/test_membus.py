@@ -1,4 +1,4 @@
-"""The host memory bus (planner/membus.py): what streaming and host compute cost together."""
+"""The host memory bus (planner/cost/membus.py): what streaming and host compute cost together."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from planner.cost import Scenario, tensor_options
-from planner.hardware import load_profile
-from planner.membus import bus_gbps, copy_slowdown_s, dram_s, weight_bus
-from planner.placement import uniform_placement
-from planner.predict import evaluate
-from planner.spec import ModelSpec, Workload
+from planner.cost.options import Scenario, tensor_options
+from planner.hardware.profile import load_profile
+from planner.cost.membus import bus_gbps, copy_slowdown_s, dram_s, weight_bus
+from planner.model.placement import uniform_placement
+from planner.cost.evaluate import evaluate
+from planner.model.spec import ModelSpec, Workload
 
 GIB = 2**30
 WORKLOAD = Workload(batch=1, prompt=64, gen=16)

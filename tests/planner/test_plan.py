@@ -1,4 +1,4 @@
-"""Plan files (planner/plan.py): exact YAML round trip, provenance, and refusal of plans that
+"""Plan files (planner/plan/record.py): exact YAML round trip, provenance, and refusal of plans that
 were edited by hand or that do not describe the model they carry."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 from assets.random_instances import random_profile
-from planner.cost import Scenario
+from planner.cost.options import Scenario
 from planner.errors import PlanError
-from planner.hardware import load_profile
-from planner.ilp import SolverOptions, solve_placement
-from planner.placement import Placement, check_placement
-from planner.plan import load_plan, make_plan, plan_from_data, plan_to_yaml, save_plan, with_profile
-from planner.predict import evaluate
+from planner.hardware.profile import load_profile
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.model.placement import Placement, check_placement
+from planner.plan.record import load_plan, make_plan, plan_from_data, plan_to_yaml, save_plan, with_profile
+from planner.cost.evaluate import evaluate
 from planner.schema import stable_hash
-from planner.spec import ModelSpec, Quantization, Workload
+from planner.model.spec import ModelSpec, Quantization, Workload
 
 
 def _spec(**overrides) -> ModelSpec:

@@ -13,18 +13,18 @@ import pytest
 import yaml
 
 from assets.random_instances import GIB, memory_span, n_combinations, random_profile, random_spec, with_memory
-from planner import cost
-from planner.compensation_time import compensation_time
-from planner.cost import Scenario
+from planner.cost import options as cost
+from planner.cost.compensation import compensation_time
+from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError, OffplanError, SpecError
-from planner.ilp import SolverOptions, solve_placement
-from planner.quality import parse_quality, solve_compensated, uncompensated
-from planner.modelfile import Compensation
-from planner.predict import chosen_options, option_tables, predict
-from planner.ranks import (RankTable, check_table, compensation_settings, default_table, interpolate_remaining,
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.solve.quality import parse_quality, solve_compensated, uncompensated
+from planner.model.modelfile import Compensation
+from planner.cost.evaluate import chosen_options, option_tables, predict
+from planner.model.ranks import (RankTable, check_table, compensation_settings, default_table, interpolate_remaining,
                            load_rank_table, prior_recovered, rank_recovery, save_rank_table)
 from planner.schema import from_dict
-from planner.spec import ModelSpec, Quantization, Workload
+from planner.model.spec import ModelSpec, Quantization, Workload
 
 RANKS = (0, 4, 8)
 SEEDS = range(6)

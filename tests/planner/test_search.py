@@ -10,16 +10,16 @@ import pytest
 from rich.console import Console
 
 from assets.random_instances import tight_instance
-from planner.cost import Scenario
+from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError, OffplanError
-from planner.hardware import load_profile, with_overrides
-from planner.ilp import SolverOptions, solve_placement
-from planner.modelfile import DraftCandidate
-from planner.presets import preset
-from planner.render_search import alternatives_table, draft_summary
-from planner.roofline import expected_tokens_per_step
-from planner.search import Candidate, search, search_plan
-from planner.spec import ModelSpec, Quantization, Workload
+from planner.hardware.profile import load_profile, with_overrides
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.model.modelfile import DraftCandidate
+from planner.model.presets import preset
+from planner.cli.render_search import alternatives_table, draft_summary
+from planner.cost.roofline import expected_tokens_per_step
+from planner.solve.drafts import Candidate, search, search_plan
+from planner.model.spec import ModelSpec, Quantization, Workload
 
 # Fewer layer groups keep the 80-layer ILPs to about a second each.
 FAST = SolverOptions(time_limit_s=30, max_groups=4)

@@ -12,16 +12,16 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from planner.cost import KV_LEVELS, Scenario, attention_decode, tensor_options
-from planner.gantt import gantt, summary_table
-from planner.hardware import Accelerator, HardwareProfile, Host, Link, Source, load_profile
-from planner.ilp import SolverOptions, solve_placement
-from planner.placement import Placement
-from planner.plan import make_plan
-from planner.simulate import (RESOURCES, STREAM_PREFIX, Event, SimulationError, _Op, _schedule,
+from planner.cost.options import KV_LEVELS, Scenario, attention_decode, tensor_options
+from planner.cli.render_gantt import gantt, summary_table
+from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, Source, load_profile
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.model.placement import Placement
+from planner.plan.record import make_plan
+from planner.simulate.engine import (RESOURCES, STREAM_PREFIX, Event, SimulationError, _Op, _schedule,
                               activation_transfer_s, attention_decode_parts, matmul_rows, simulate_plan)
-from planner.spec import ModelSpec, Quantization, Workload
-from planner.trace import (TraceError, decode_step_events, read_trace, to_chrome_trace, whole_workload_events,
+from planner.model.spec import ModelSpec, Quantization, Workload
+from planner.simulate.trace import (TraceError, decode_step_events, read_trace, to_chrome_trace, whole_workload_events,
                            workload_metadata, write_trace)
 
 MIB, GIB = 2**20, 2**30
@@ -35,7 +35,7 @@ def _spec(**overrides) -> ModelSpec:
 
 
 def _profile(vram_bytes: int = 8 * GIB, host_bw_gbps: float = 40.0, host_op_s: float = 2e-6) -> HardwareProfile:
-    """The simulator does not model the host memory bus (planner/membus.py): a bus far faster
+    """The simulator does not model the host memory bus (planner/cost/membus.py): a bus far faster
     than the link keeps that term from binding, so ILP and simulator model the same thing."""
     return HardwareProfile(
         name="sim-test",

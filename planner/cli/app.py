@@ -1,0 +1,293 @@
+"""The `offplan` command line: thin commands over the library, rich output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from planner.solve.baselines import run_baselines
+from planner.cli.common import (BatchOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt, SolverOpt, TimeLimitOpt,
+                         VramOpt, check_out_path, console, load_hardware, load_model, print_json, resolve_workload,
+                         run_app)
+from planner.cli.run_cmds import acceptance, profile, run, sensitivity
+from planner.cost.options import Scenario
+from planner.hardware.profile import load_profile, shipped_profile_names
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.plan.record import make_plan, save_plan
+from planner.cost.evaluate import option_tables
+from planner.cli.render import compare_table, memory_table, model_line, placement_table, plan_json, speed_table
+from planner.errors import OffplanError
+from planner.units import fmt_seconds
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Plan and run LLMs on a GPU that is too small for them.")
+hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles: list the shipped ones, show one.")
+app.add_typer(hw_app, name="hw")
+
+
+@app.command()
+def solve(
+    model: Annotated[str, typer.Argument(help="model.yaml, HF config.json (or its directory), .gguf, or a preset name.")],
+    hw: HwOpt,
+    vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
+    prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Also score what accelerate / llama.cpp / "
+                                                             "stream-all would pick.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the plan as YAML.")] = None,
+    json_out: JsonOpt = False,
+    time_limit: TimeLimitOpt = 10.0,
+    solver: SolverOpt = "auto",
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="Ignore the model file's draft candidates.")] = False,
+    accept: Annotated[list[str], typer.Option("--acceptance", help="Measured acceptance of a draft: NAME=RATE "
+                                                                   "(repeat; see `offplan acceptance`).")] = [],
+    quality: Annotated[Optional[str], typer.Option("--quality", help="Quantized models: 'max' (recover the most "
+                       "error within --slack of the fastest plan) or R in 0..1 (fastest plan recovering R).")] = None,
+    slack: Annotated[float, typer.Option("--slack", help="With --quality max: allowed slow-down, 0.02 = 2%.")] = 0.02,
+    rank_table: Annotated[Optional[Path], typer.Option("--rank-table", help="ranks.yaml from `offplan "
+                                                                            "sensitivity`.")] = None,
+) -> None:
+    """Find the fastest placement that fits (and the best draft model), and say why."""
+    check_out_path(out)
+    model_file = load_model(model)
+    profile = load_hardware(hw, vram, ram, host_bw)
+    workload = resolve_workload(model_file, prompt, gen, batch)
+    from planner.solve.quality import parse_quality, solve_compensated
+    from planner.model.ranks import compensation_settings, load_rank_table
+    quality_mode, quality_value = parse_quality(quality)
+    if not 0 <= slack <= 1:
+        raise OffplanError(f"--slack: must be between 0 and 1, got {slack}")
+    rank_choices, rank_recovery = (0,), {}
+    if quality is not None:
+        if model_file.spec.quantization is None:
+            raise OffplanError("--quality: the model is not quantized; add 'quantization:' to the model file")
+        table = load_rank_table(rank_table) if rank_table else None
+        rank_choices, rank_recovery = compensation_settings(model_file.spec, model_file.compensation, table)
+    elif rank_table is not None:
+        raise OffplanError("--rank-table: give --quality too (max, or a fraction such as 0.5)")
+    options = SolverOptions(time_limit_s=time_limit, solver=solver, quality=quality_value,
+                            quality_mode=quality_mode, slack=slack)
+    search_result = None
+    if model_file.drafts and not no_draft:
+        from planner.solve.drafts import search, search_plan
+        acceptance = dict(_parse_acceptance(a) for a in accept)
+        with console.status("searching drafts x draft lengths...", spinner="dots") if not json_out \
+                else _nullcontext() as status:
+            search_result = search(model_file.spec, profile, workload, model_file.drafts, options,
+                                   progress=(lambda line: status.update(line)) if not json_out else None,
+                                   acceptance=acceptance, rank_choices=rank_choices, rank_recovery=rank_recovery)
+        scn = search_result.scenario
+        plan = search_plan(search_result)
+        solution = search_result.best.solution
+    else:
+        scn = Scenario(model_file.spec, profile, workload, rank_choices=rank_choices, rank_recovery=rank_recovery)
+        with console.status("solving placement ILP...", spinner="dots") if not json_out else _nullcontext():
+            solution = solve_compensated(scn, options)
+        plan = make_plan(scn, solution.placement, "ilp", solution.prediction, solution.solver, solution.status,
+                         solution.solve_time_s, solution.objective_s)
+    tables = option_tables(scn)
+    baselines = run_baselines(scn, tables) if compare else None
+    if out is not None:
+        save_plan(plan, out)
+    if json_out:
+        print_json(plan_json(plan, baselines))
+        return
+    console.print(f"[bold]{model_line(plan.model)}[/]")
+    console.print(f"on {profile.name}; batch {workload.batch}, prompt {workload.prompt}, generate {workload.gen}")
+    within = f", within {solution.gap:.1%} of optimal" if solution.gap == solution.gap and solution.gap > 0 else ""
+    console.print(f"solved with {solution.solver} in {fmt_seconds(solution.solve_time_s)} ({solution.status}{within}; "
+                  f"{solution.n_variables} variables)" + (f"; {len(search_result.candidates)} draft combinations "
+                                                          f"considered" if search_result else ""))
+    console.print(placement_table(plan))
+    console.print(memory_table(plan))
+    console.print(speed_table(plan))
+    if quality is not None:
+        from planner.cost.compensation import compensation_time
+        ct = compensation_time(tables, plan.placement)
+        console.print(f"compensation: {ct.tensors} matrices with a CPU branch; predicted recovered error "
+                      f"{plan.predicted.recovered_error:.1%} of the quantization error; CPU branch "
+                      f"{fmt_seconds(ct.branch_s)} per step, {fmt_seconds(ct.hidden_s)} hidden behind the "
+                      f"accelerator, {fmt_seconds(ct.exposed_s)} exposed")
+    if search_result is not None:
+        from planner.cli.render_search import alternatives_table, draft_summary
+        console.print(draft_summary(search_result))
+        console.print(alternatives_table(search_result))
+    if baselines is not None:
+        console.print(compare_table(plan, baselines))
+    if out is not None:
+        console.print(f"plan written to [bold]{out}[/]")
+
+
+@app.command()
+def simulate(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
+    hw: Annotated[Optional[str], typer.Option("--hw", help="Replay the same placement on another profile.")] = None,
+    vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
+    buffers: Annotated[int, typer.Option("--buffers", help="Prefetch buffer slots.")] = 2,
+    prefetch: Annotated[str, typer.Option("--prefetch", help="next-streamed (the executor's engine) or "
+                                                            "next-stage (the ILP's model).")] = "next-streamed",
+    chunk: Annotated[str, typer.Option("--chunk", help="Weight copies in pieces of this size (the executor's "
+                                                       "4MiB; 0 = whole tensors).")] = "4MiB",
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="Write a Chrome/Perfetto trace of the workload.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Replay a plan as events on accelerator, link and CPU: Gantt of one decode step + summary."""
+    from planner.cli.render_gantt import gantt, summary_table
+    from planner.plan.record import load_plan
+    from planner.simulate.engine import simulate_plan
+    from planner.simulate.engine.trace import decode_step_events, whole_workload_events, workload_metadata, write_trace
+    from planner.units import parse_bytes
+    check_out_path(trace)
+    plan = load_plan(plan_file)
+    profile = load_hardware(hw, vram, ram, host_bw) if hw else None
+    if profile is None and (vram or ram or host_bw):
+        from planner.hardware.profile import with_overrides
+        profile = with_overrides(plan.profile, parse_bytes(vram, "--vram") if vram else None,
+                                 parse_bytes(ram, "--ram") if ram else None, host_bw)
+    result = simulate_plan(plan, profile, buffers=buffers, prefetch=prefetch,
+                           copy_chunk_bytes=parse_bytes(chunk, "--chunk") if chunk not in ("0", "") else 0)
+    if trace is not None:
+        write_trace(trace, whole_workload_events(result, plan), workload_metadata(result, plan))
+    if json_out:
+        print_json({"decode_step_s": result.decode_step_s, "prefill_s": result.prefill_s,
+                    "ilp_decode_step_s": result.ilp_decode_step_s, "ilp_prefill_s": result.ilp_prefill_s,
+                    "busy_fraction": result.busy_fraction, "decode_bound": result.decode_bound,
+                    "per_stage_diff_s": dict(result.per_stage_diff_s)})
+        return
+    name = (profile or plan.profile).name
+    console.print(gantt(decode_step_events(result), width=min(console.width, 120),
+                        title=f"one decode step of {plan.model.name} on {name}"))
+    console.print(summary_table(result))
+    if trace is not None:
+        console.print(f"trace written to [bold]{trace}[/]: open it in chrome://tracing or https://ui.perfetto.dev")
+
+
+@app.command("compare")
+def compare_hardware(
+    model: Annotated[str, typer.Argument(help="model.yaml, config.json, .gguf or preset name.")],
+    hw: Annotated[list[str], typer.Option("--hw", help="Profiles to compare (repeat the option).")],
+    vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
+    prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
+    time_limit: TimeLimitOpt = 10.0, json_out: JsonOpt = False,
+) -> None:
+    """Solve the best plan on each profile and compare them in one table."""
+    from planner.errors import InfeasiblePlanError
+    from planner.cli.render_compare import hardware_table
+    model_file = load_model(model)
+    rows = []
+    for name in hw:
+        profile = load_hardware(name, vram, ram, host_bw)
+        workload = resolve_workload(model_file, prompt, gen, batch)
+        scn = Scenario(model_file.spec, profile, workload)
+        try:
+            with console.status(f"solving for {profile.name}...", spinner="dots") if not json_out else _nullcontext():
+                solution = solve_placement(scn, SolverOptions(time_limit_s=time_limit))
+            rows.append((name, profile, solution.prediction, ""))
+        except InfeasiblePlanError as exc:
+            rows.append((name, profile, None, str(exc)))
+    if json_out:
+        print_json([{"profile": p.name, "fits": pr is not None, "reason": why,
+                     **({"ttft_s": pr.ttft_s, "decode_tokens_per_s": pr.decode_tokens_per_s,
+                         "decode_bound": pr.bound("decode")} if pr else {}),
+                     "price_usd": p.price_usd or None} for _, p, pr, why in rows])
+        return
+    console.print(f"[bold]{model_line(model_file.spec)}[/]")
+    console.print(hardware_table(rows))
+    for name, profile, _, _ in rows:
+        console.print(f"  {name}: {profile.name}", highlight=False)
+
+
+app.command()(run)
+app.command()(profile)
+app.command()(acceptance)
+app.command()(sensitivity)
+
+
+@app.command()
+def export(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
+    to: Annotated[str, typer.Option("--to", help="llamacpp (flags), hf (device_map JSON) or json (the plan).")] = "llamacpp",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+) -> None:
+    """Translate a plan for other runtimes (what they cannot express is said on stderr)."""
+    import shlex
+    from planner.cli.common import err_console
+    from planner.plan.export import hf_device_map, llamacpp_args, plan_json
+    from planner.plan.record import load_plan
+    from planner.schema import atomic_write
+    check_out_path(out)
+    plan = load_plan(plan_file)
+    if to == "llamacpp":
+        args, notes = llamacpp_args(plan)
+        text = " ".join(shlex.quote(a) for a in args) + "\n"
+    elif to == "hf":
+        device_map, notes = hf_device_map(plan)
+        text = json.dumps(device_map, indent=1) + "\n"
+    elif to == "json":
+        text, notes = plan_json(plan) + "\n", []
+    else:
+        raise OffplanError(f"--to {to!r}: choose llamacpp, hf or json")
+    for note in notes:
+        err_console.print(f"note: {note}", highlight=False)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write(out, text)
+        console.print(f"written to [bold]{out}[/]")
+
+
+@hw_app.command("list")
+def hw_list(json_out: JsonOpt = False) -> None:
+    """The shipped profiles with their key figures."""
+    from planner.cli.render_hw import profiles_overview_table
+    profiles = [load_profile(name) for name in shipped_profile_names()]
+    if json_out:
+        print_json([{"name": n, "accelerator": p.accelerator.name, "vram_bytes": p.accelerator.memory_bytes,
+                     "mem_bw_gbps": p.accelerator.mem_bw_gbps, "h2d_gbps": p.link.h2d_gbps,
+                     "host_memory_bytes": p.host.memory_bytes, "host_mem_bw_gbps": p.host.mem_bw_gbps,
+                     "source": p.source.kind} for n, p in zip(shipped_profile_names(), profiles)])
+        return
+    console.print(profiles_overview_table(profiles, shipped_profile_names()))
+
+
+@hw_app.command("show")
+def hw_show(profile: Annotated[str, typer.Argument(help="Shipped profile name or YAML file.")],
+            json_out: JsonOpt = False) -> None:
+    """Print one profile as a table (measured and datasheet profiles are marked)."""
+    from planner.cli.render_hw import profile_table
+    from planner.schema import to_dict
+    p = load_profile(profile)
+    if json_out:
+        print_json(to_dict(p))
+        return
+    console.print(profile_table(p))
+
+
+def _parse_acceptance(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1.0
+    if not sep or not name or not 0.0 <= rate <= 1.0:
+        raise OffplanError(f"--acceptance {text!r}: write NAME=RATE with RATE between 0 and 1, e.g. llama-3.2-1b=0.75")
+    return name, rate
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Turn plans and predictions into text a person can read at a glance (rich tables), and
+into plain data for `--json`."""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from rich.table import Table
+
+from planner.plan.record import MemorySummary, Plan
+from planner.model.spec import ModelSpec
+from planner.units import fmt_bytes, fmt_seconds
+
+RESOURCE_WORDS = {"accelerator": "accelerator compute", "cpu": "CPU compute", "transfers": "activation transfers",
+                  "link": "weight streaming (PCIe)", "memory": "host memory bandwidth"}
+
+
+def _devices_phrase(names_devices: list[tuple[str, str]]) -> str:
+    devices = {d for _, d in names_devices}
+    if len(devices) == 1:
+        return devices.pop()
+    parts = []
+    for device in ("gpu", "stream", "cpu"):
+        names = [n.replace("_proj", "") for n, d in names_devices if d == device]
+        if names:
+            parts.append(f"{','.join(names)} {device}")
+    return " / ".join(parts)
+
+
+def layer_signature(plan: Plan, layer: int) -> str:
+    """'mlp stream, attn gpu, KV 25% host' for one layer."""
+    p = plan.placement
+    tensors = plan.model.layer_tensors(layer)
+    attn = [(t.kind, p.device(t.name)) for t in tensors if t.group == "attn"]
+    mlp = [(t.kind, p.device(t.name)) for t in tensors if t.group == "mlp"]
+    if plan.model.moe is not None:
+        mlp = [(t.name.split(".", 3)[3], p.device(t.name)) for t in tensors if t.group == "mlp"]
+    all_devices = {d for _, d in attn + mlp}
+    if len(all_devices) == 1:
+        text = f"all {all_devices.pop()}"
+    else:
+        text = f"attn {_devices_phrase(attn)}; mlp {_devices_phrase(mlp)}"
+    streamed = [t for t in tensors if p.streams_for_prefill(t.name)]
+    if streamed:
+        text += " (cpu weights streamed for prefill)" if len(streamed) == sum(
+            1 for t in tensors if p.device(t.name) == "cpu") else " (some cpu weights streamed for prefill)"
+    c = p.kv_host_fraction[layer]
+    if c > 0:
+        text += f"; KV {c:.0%} host"
+    by_rank: dict[int, list[str]] = {}
+    for t in tensors:
+        if p.rank(t.name):
+            by_rank.setdefault(p.rank(t.name), []).append(t.kind.replace("_proj", ""))
+    if by_rank:
+        text += "; compensation " + ", ".join(f"{','.join(kinds)} rank {rank}"
+                                               for rank, kinds in sorted(by_rank.items()))
+    return text
+
+
+def placement_ranges(plan: Plan) -> list[tuple[str, str]]:
+    """Consecutive layers with the same signature merged: [('0-41', 'all gpu'), ...]."""
+    rows = []
+    signatures = [(i, layer_signature(plan, i)) for i in range(plan.model.layers)]
+    for sig, group in groupby(signatures, key=lambda item: item[1]):
+        layers = [i for i, _ in group]
+        span = f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+        rows.append((span, sig))
+    p = plan.placement
+    rows.append(("embed", p.device("embed_tokens") + (" (tied to lm_head)" if plan.model.tied_embeddings else "")))
+    rows.append(("lm_head", p.device("lm_head") + (" (streamed for prefill)" if p.streams_for_prefill("lm_head") else "")))
+    return rows
+
+
+def placement_table(plan: Plan) -> Table:
+    table = Table(title="Placement", title_justify="left")
+    table.add_column("layers", justify="right", style="bold")
+    table.add_column("where the weights live and run")
+    for span, sig in placement_ranges(plan):
+        table.add_row(span, sig)
+    return table
+
+
+def memory_table(plan: Plan) -> Table:
+    table = Table(title="Memory per device", title_justify="left")
+    table.add_column("")
+    table.add_column("accelerator", justify="right")
+    table.add_column("host", justify="right")
+    vram, host = plan.predicted.vram, plan.predicted.host
+    for label, attr in (("weights", "weights_bytes"), ("KV cache", "kv_bytes"), ("buffers", "buffer_bytes"),
+                        ("workspace", "workspace_bytes"), ("draft model", "draft_bytes"),
+                        ("compensation", "compensation_bytes")):
+        a, h = getattr(vram, attr), getattr(host, attr)
+        if a or h:
+            table.add_row(label, fmt_bytes(a) if a else "-", fmt_bytes(h) if h else "-")
+    cells = []
+    for m in (vram, host):
+        used = _used(m)
+        text = f"{fmt_bytes(used)} of {fmt_bytes(m.capacity_bytes)}"
+        cells.append(f"[red]{text}[/]" if used > m.capacity_bytes else f"[bold]{text}[/]")
+    table.add_row("[bold]used of available[/]", *cells)
+    table.add_row("reserved (runtime / OS)", fmt_bytes(vram.reserve_bytes) if vram.reserve_bytes else "-",
+                  fmt_bytes(host.reserve_bytes) if host.reserve_bytes else "-")
+    return table
+
+
+def _used(m: MemorySummary) -> int:
+    return m.weights_bytes + m.kv_bytes + m.buffer_bytes + m.workspace_bytes + m.draft_bytes + m.compensation_bytes
+
+
+def speed_table(plan: Plan) -> Table:
+    pr = plan.predicted
+    table = Table(title="Predicted speed", title_justify="left")
+    table.add_column("phase")
+    table.add_column("time", justify="right")
+    table.add_column("rate", justify="right")
+    table.add_column("bound by")
+    prompt_tokens = plan.workload.batch * plan.workload.prompt
+    table.add_row("prefill (time to first token)", fmt_seconds(pr.ttft_s),
+                  f"{prompt_tokens / pr.prefill_s:,.0f} tok/s", _bound_text(pr.prefill_by_resource_s))
+    table.add_row("decode step", fmt_seconds(pr.decode_step_s), f"{pr.decode_tokens_per_s:,.2f} tok/s",
+                  _bound_text(pr.decode_by_resource_s))
+    table.add_row("whole workload", fmt_seconds(pr.total_s), "", "")
+    return table
+
+
+def _bound_text(shares: dict[str, float]) -> str:
+    total = sum(shares.values()) or 1.0
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    top = [f"{RESOURCE_WORDS[k]} {v / total:.0%}" for k, v in ranked if v / total >= 0.1]
+    return ", ".join(top[:2])
+
+
+def model_line(spec: ModelSpec) -> str:
+    q = spec.quantization
+    weights = f"int{q.bits} g{q.group_size}" if q else spec.dtype
+    return (f"{spec.name}: {spec.params / 1e9:.1f}B parameters, {spec.layers} layers, {weights}, "
+            f"{fmt_bytes(spec.weight_bytes)} of weights")
+
+
+def plan_json(plan: Plan, baselines: list | None = None) -> dict:
+    pr = plan.predicted
+    out = {
+        "model": plan.model.name, "profile": plan.profile.name, "workload": vars(plan.workload),
+        "ttft_s": pr.ttft_s, "decode_step_s": pr.decode_step_s, "decode_tokens_per_s": pr.decode_tokens_per_s,
+        "total_s": pr.total_s, "decode_bound": pr.decode_bound, "prefill_bound": pr.prefill_bound,
+        "placement": [{"layers": span, "placement": sig} for span, sig in placement_ranges(plan)],
+        "vram_used_bytes": _used(pr.vram), "vram_capacity_bytes": pr.vram.capacity_bytes,
+        "host_used_bytes": _used(pr.host), "host_capacity_bytes": pr.host.capacity_bytes,
+        "solver": plan.provenance.solver, "solver_status": plan.provenance.solver_status,
+        "solve_time_s": plan.provenance.solve_time_s,
+    }
+    if plan.draft:
+        out["draft"] = {"name": plan.draft.name, "gamma": plan.draft.gamma, "acceptance": plan.draft.acceptance,
+                        "expected_tokens": pr.expected_tokens}
+    if baselines is not None:
+        out["baselines"] = [
+            {"name": b.name, "note": b.note, "fits": b.prediction is not None,
+             **({"ttft_s": b.prediction.ttft_s, "decode_tokens_per_s": b.prediction.decode_tokens_per_s,
+                 "total_s": b.prediction.total_s} if b.prediction else {})} for b in baselines]
+    return out
+
+
+def compare_table(plan: Plan, baselines: list) -> Table:
+    pr = plan.predicted
+    table = Table(title="offplan vs what other tools would pick (same cost model)", title_justify="left")
+    for col, justify in (("strategy", "left"), ("their choice", "left"), ("time to first token", "right"),
+                         ("decode tok/s", "right"), ("whole workload", "right"), ("offplan is faster by", "right")):
+        table.add_column(col, justify=justify)
+    table.add_row("[bold]offplan (ILP)[/]", plan.provenance.solver_status, fmt_seconds(pr.ttft_s),
+                  f"{pr.decode_tokens_per_s:,.2f}", fmt_seconds(pr.total_s), "")
+    for b in baselines:
+        if b.prediction is None:
+            table.add_row(b.name, b.note, "does not fit", "-", "-", "-")
+            continue
+        p = b.prediction
+        table.add_row(b.name, b.note, fmt_seconds(p.ttft_s), f"{p.decode_tokens_per_s:,.2f}",
+                      fmt_seconds(p.total_s), f"{p.total_s / pr.total_s:.2f}x")
+    return table

@@ -1,0 +1,26 @@
+"""The table of `offplan compare`: one row per hardware profile."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from planner.cli.render import RESOURCE_WORDS
+from planner.units import fmt_bytes, fmt_seconds
+
+
+def hardware_table(rows) -> Table:
+    """rows: (label, profile, prediction or None, reason it does not fit)."""
+    table = Table(title="Best plan per hardware profile", title_justify="left")
+    for col, justify in (("profile", "left"), ("VRAM", "right"), ("fits", "left"), ("time to first token", "right"),
+                         ("decode tok/s", "right"), ("bound by", "left"), ("tok/s per $1000", "right")):
+        table.add_column(col, justify=justify)
+    for label, profile, prediction, reason in rows:
+        vram = fmt_bytes(profile.accelerator.memory_bytes)
+        if prediction is None:
+            table.add_row(label, vram, f"[red]no[/]: {reason.split(';')[0]}", "-", "-", "-", "-")
+            continue
+        per_k = (f"{prediction.decode_tokens_per_s / profile.price_usd * 1000:.2f}"
+                 if profile.price_usd else "-")
+        table.add_row(label, vram, "yes", fmt_seconds(prediction.ttft_s),
+                      f"{prediction.decode_tokens_per_s:,.2f}", RESOURCE_WORDS[prediction.bound("decode")], per_k)
+    return table

@@ -1,0 +1,60 @@
+"""Placement-independent terms of the cost model (DESIGN §4): activation workspace and pinned
+staging memory, and the draft model's memory and time. The ILP treats them as constants."""
+
+from __future__ import annotations
+
+from planner.cost.options import (Scenario, matmul_on_acc, attention_decode, attention_prefill, head_fixed,
+                   layer_fixed)
+
+
+def acc_workspace_bytes(scn: Scenario) -> int:
+    """Activations of the largest forward pass (prefill of the whole prompt) plus fp32 logits
+    for the last positions. Attention scores are not materialised (fused attention)."""
+    spec = scn.spec
+    per_row = 2 * spec.hidden + (spec.heads + 2 * spec.kv_heads) * spec.head_dim + 2 * spec.intermediate
+    return scn.prefill_rows * per_row * scn.act_bytes + scn.decode_rows * spec.vocab * 4
+
+
+def host_staging_bytes(scn: Scenario) -> int:
+    """Pinned buffers for activations crossing the link (one layer's widest in/out, prefill)."""
+    spec = scn.spec
+    return scn.prefill_rows * (spec.hidden + spec.intermediate) * scn.act_bytes
+
+
+def _resident_scenario(scn: Scenario) -> Scenario:
+    assert scn.draft is not None
+    return Scenario(scn.draft, scn.profile, scn.workload)
+
+
+def draft_vram_bytes(scn: Scenario) -> int:
+    """Draft weights and its KV cache at full context (the draft stays resident)."""
+    if scn.draft is None:
+        return 0
+    d = scn.draft
+    kv = scn.workload.batch * (scn.workload.context + scn.gamma + 1) * d.kv_bytes_per_token
+    return d.weight_bytes + kv
+
+
+def draft_step_s(scn: Scenario) -> float:
+    """The `gamma` draft forwards of one speculative step, all on the accelerator."""
+    if scn.draft is None or scn.gamma == 0:
+        return 0.0
+    dscn = _resident_scenario(scn)
+    rows = scn.workload.batch
+    one = head_fixed(dscn, rows).total_s + scn.draft.layers * (layer_fixed(dscn, rows).total_s
+                                                             + attention_decode(dscn, 0.0).total_s)
+    one += sum(matmul_on_acc(dscn, t, rows).total_s for t in scn.draft.tensors() if t.group != "embed")
+    return scn.gamma * one
+
+
+def draft_prefill_s(scn: Scenario) -> float:
+    """The draft's own prefill of the prompt (it needs its KV cache too)."""
+    if scn.draft is None or scn.gamma == 0:
+        return 0.0
+    dscn = _resident_scenario(scn)
+    rows = dscn.prefill_rows
+    total = head_fixed(dscn, scn.workload.batch).total_s
+    total += scn.draft.layers * (layer_fixed(dscn, rows).total_s + attention_prefill(dscn, 0.0).total_s)
+    total += sum(matmul_on_acc(dscn, t, scn.workload.batch if t.group == "head" else rows).total_s
+                 for t in scn.draft.tensors() if t.group != "embed")
+    return total
