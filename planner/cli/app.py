@@ -138,7 +138,7 @@ def simulate(
     from planner.cli.render_gantt import gantt, summary_table
     from planner.plan.record import load_plan
     from planner.simulate.engine import simulate_plan
-    from planner.simulate.engine.trace import decode_step_events, whole_workload_events, workload_metadata, write_trace
+    from planner.simulate.trace import decode_step_events, whole_workload_events, workload_metadata, write_trace
     from planner.units import parse_bytes
     check_out_path(trace)
     plan = load_plan(plan_file)

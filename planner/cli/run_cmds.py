@@ -62,7 +62,7 @@ def run(
     if m.stages:
         console.print(stage_table(m.stages))
     if trace is not None:
-        from planner.simulate.engine.trace import write_trace
+        from planner.simulate.trace import write_trace
         write_trace(trace, list(m.events), {"source": "measured", "model": plan.model.name, "device": report.device,
                                             "workload": vars(wl)})
         console.print(f"measured trace written to [bold]{trace}[/] ({len(m.events)} events): open it in "
