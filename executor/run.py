@@ -282,27 +282,25 @@ def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress:
         copy_wait_s_per_step=wait_s / steps, cpu_linear_s_per_step=cpu_s / steps,
         tokens=tuple(tuple(int(t) for t in row) for row in tokens.tolist()),
         stages=timer.summary(handle.plan, steps) if timer else (),
-        events=tuple(recorder.events) if recorder else ())
+        events=tuple(recorder.finish()) if recorder else ())
 
 
 def _start_trace(handle: OffloadHandle):
     """Record accelerator intervals per stage (forward hooks), copies and cpu matmuls."""
     from .recorder import Recorder
-    recorder = Recorder()
+    recorder = Recorder(handle.devices.accelerator if handle.devices.cuda else None)
     handle.record(recorder)
     modules = [(f"layer {i}", m) for i, m in enumerate(handle.model.model.layers)] + [("head", handle.model.lm_head)]
-    starts: dict[str, float] = {}
+    starts: dict[str, object] = {}
 
-    def pre(stage):
+    def pre(stage):  # stamps, not synchronisations: the trace does not change the overlap it shows
         def hook(module, args):
-            _sync(handle.devices)
-            starts[stage] = recorder.now()
+            starts[stage] = recorder.stamp()
         return hook
 
     def post(stage):
         def hook(module, args, output):
-            _sync(handle.devices)
-            recorder.add("accelerator", stage, starts[stage], recorder.now(), stage)
+            recorder.add_stamped("accelerator", stage, starts[stage], recorder.stamp(), stage)
         return hook
     recorder.hooks = []
     for stage, module in modules:

@@ -14,7 +14,6 @@ buffer slot that compute may still be reading.
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,50 +85,72 @@ def _aligned(tensor: torch.Tensor) -> int:
 
 
 class _CudaCopier:
-    """Copies on a side stream; completion and slot reuse ordered by events."""
+    """Copies on a side stream. Each copy waits for an event recorded on the compute stream
+    when it is issued (compute queued so far may still read the slot it overwrites) and is
+    bracketed by two timing events on the copy stream: the second orders compute after it,
+    both give the copy's duration on the device's clock."""
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
         self.device = device
+        self.recorder = None  # executor.recorder.Recorder when tracing
 
-    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str = "") -> torch.cuda.Event:
+    def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str = "") -> _CudaCopy:
         freed = torch.cuda.Event()
         freed.record(torch.cuda.current_stream(self.device))  # compute up to here is done with the slot
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(freed)
+            start.record(self.stream)
             for dst, src in jobs:
                 for dst_piece, src_piece in _pieces(dst, src):
-                    dst_piece.copy_(src_piece, non_blocking=True)
-            done = torch.cuda.Event()
+                    dst_piece.copy_(src_piece, non_blocking=True)  # src is page-locked: asynchronous
             done.record(self.stream)
-        return done
+        if self.recorder is not None:
+            self.recorder.add_stamped("h2d", f"stream {label}", start, done, label)
+        return _CudaCopy(start, done)
+
+    def wait(self, handle: _CudaCopy) -> None:
+        """Later work on the compute stream waits for the copy; the host does not."""
+        torch.cuda.current_stream(self.device).wait_event(handle.done)
 
     @staticmethod
-    def wait(handle: torch.cuda.Event) -> None:
-        torch.cuda.current_stream().wait_event(handle)
+    def seconds(handle: _CudaCopy) -> float:
+        """The copy's duration between its events (waits for the copy to finish)."""
+        handle.done.synchronize()
+        return handle.start.elapsed_time(handle.done) / 1e3  # elapsed_time is in milliseconds
 
     def close(self) -> None:
         self.stream.synchronize()
 
 
+@dataclass(frozen=True, eq=False)
+class _CudaCopy:
+    start: torch.cuda.Event
+    done: torch.cuda.Event
+
+
 class _ThreadCopier:
-    """CPU twin: one copy thread; the stage that needs a slot waits for its future."""
+    """CPU twin: one copy thread runs the copies in the order issued (as a stream does); the
+    stage that needs a slot waits for its future, whose result is the copy's duration."""
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offplan-prefetch")
-        self.busy_s = 0.0
-        self.lock = threading.Lock()
         self.recorder = None  # executor.recorder.Recorder when tracing
 
-    def _run(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> None:
-        start = time.perf_counter()
-        began = self.recorder.now() if self.recorder else 0.0
+    @staticmethod
+    def copy(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for dst, src in jobs:
             dst.copy_(src)
-        with self.lock:
-            self.busy_s += time.perf_counter() - start
+
+    def _run(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> float:
+        began = self.recorder.now() if self.recorder else 0.0
+        start = time.perf_counter()
+        self.copy(jobs)
+        seconds = time.perf_counter() - start
         if self.recorder:
             self.recorder.add("h2d", f"stream {label}", began, self.recorder.now(), label)
+        return seconds
 
     def issue(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], label: str = "") -> Future:
         return self.pool.submit(self._run, jobs, label)
@@ -138,15 +159,38 @@ class _ThreadCopier:
     def wait(handle: Future) -> None:
         handle.result()
 
+    @staticmethod
+    def seconds(handle: Future) -> float:
+        return handle.result()
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
 
+@dataclass(frozen=True, eq=False)
+class _Issued:
+    """One stage's weights issued into a buffer slot: compute may use `views` once the copy
+    behind `handle` has completed."""
+
+    slot: int
+    handle: object  # _CudaCopy or Future
+    n_bytes: int
+    views: dict[str, tuple[torch.Tensor, ...]]  # tensor name -> its tensors in the slot
+
+
 class PrefetchEngine:
     """Double-buffered streaming of weights, stage by stage (stage = layer; the last stage is
-    the head). Entering stage s waits for its copy and issues the copy of the next stage
-    that streams anything into the other buffer slot, so the copy of s+1 overlaps compute of s.
-    Decode is cyclic: the head prefetches layer 0 of the next step.
+    the head). Entering stage s waits for its copy and issues the copy of the next stage that
+    streams anything into the other buffer slot, so the copy of s+1 overlaps compute of s.
+    Decode is cyclic: the head prefetches layer 0 of the next step; a decode that streams one
+    stage only prefetches that stage's next use into the other slot.
+
+    Two rules make this safe for any number of streamed stages:
+    - a stage's views are handed to compute when the stage is entered, after waiting for its
+      copy (never when the copy is issued);
+    - a copy never targets the slot compute reads now (the entered stage's); on CUDA it also
+      waits for compute issued before it, which may still read the slot it overwrites.
+    The slots live as long as the engine, so no cross-stream free can happen while a copy runs.
 
     A streamed tensor is a tuple of host tensors copied as they are: a float weight (one
     tensor), or a quantized one's packed codes, scales and zero points, so the link carries
@@ -158,17 +202,17 @@ class PrefetchEngine:
         self._sources: dict[str, tuple[torch.Tensor, ...]] = {}  # tensor name -> its host tensors
         self._stage_members: dict[str, dict[int, list[str]]] = {"prefill": {}, "decode": {}}
         self._slots: list[torch.Tensor] = []  # two flat uint8 buffers on the accelerator
-        self._views: dict[str, tuple[torch.Tensor, ...]] = {}  # tensor name -> views in its slot
-        self._pending: dict[int, tuple[object, int]] = {}  # stage -> (copy handle, bytes)
-        self._next_slot = 0
+        self._views: dict[str, tuple[torch.Tensor, ...]] = {}  # views of the entered stages
+        self._pending: dict[int, _Issued] = {}  # stage -> its issued, not yet entered copy
+        self._active_slot: int | None = None  # the slot of the stage entered last
+        self._used: list[object] = []  # handles of the copies compute used, for their durations
         self._copier = _CudaCopier(devices.accelerator) if devices.cuda else _ThreadCopier()
         self.bytes_copied = 0
-        self.wait_s = 0.0  # compute time lost waiting for copies
+        self.wait_s = 0.0  # host time spent in waits for copies (loopback: compute lost)
         self.stage_names: dict[int, str] = {}  # stage index -> "layer 3" / "head", for traces
 
     def set_recorder(self, recorder) -> None:
-        if isinstance(self._copier, _ThreadCopier):
-            self._copier.recorder = recorder
+        self._copier.recorder = recorder
 
     # ---- set-up ------------------------------------------------------------------------------
     def register(self, name: str, stage: int, host_tensors: tuple[torch.Tensor, ...],
@@ -199,8 +243,8 @@ class PrefetchEngine:
     def begin(self, phase: str) -> None:
         """Start a forward pass: drain copies of the previous phase, prefetch the first stage."""
         if phase != self.phase:
-            for handle, _ in self._pending.values():
-                self._copier.wait(handle)
+            for issued in self._pending.values():
+                self._copier.wait(issued.handle)
             self._pending.clear()
             self.phase = phase
         stages = self.stages
@@ -208,15 +252,19 @@ class PrefetchEngine:
             self._issue(stages[0])
 
     def enter(self, stage: int) -> None:
-        members = self._stage_members[self.phase]
-        if stage in members:
-            if stage not in self._pending:  # not prefetched (first pass after a phase change)
-                self._issue(stage)
+        """Stage `stage` starts computing: hand it its weights, prefetch the next stage."""
+        if stage in self._stage_members[self.phase]:
+            issued = self._pending.pop(stage, None)
+            if issued is None:  # not prefetched (first pass after a phase change)
+                issued = self._issue(stage)
+                del self._pending[stage]
             start = time.perf_counter()
-            handle, n_bytes = self._pending.pop(stage)
-            self._copier.wait(handle)
+            self._copier.wait(issued.handle)
             self.wait_s += time.perf_counter() - start
-            self.bytes_copied += n_bytes  # counted when used: a last, unused prefetch is not
+            self._active_slot = issued.slot
+            self._views.update(issued.views)
+            self._used.append(issued.handle)
+            self.bytes_copied += issued.n_bytes  # counted when used: a last, unused prefetch is not
         nxt = self._following(stage)
         if nxt is not None and nxt not in self._pending:
             self._issue(nxt)
@@ -228,38 +276,46 @@ class PrefetchEngine:
             return later[0]
         return stages[0] if stages and self.phase == "decode" else None
 
-    def _issue(self, stage: int) -> None:
-        slot = self._slots[self._next_slot]
-        self._next_slot = 1 - self._next_slot
-        jobs, offset, n_total = [], 0, 0
+    def _issue(self, stage: int) -> _Issued:
+        """Copy `stage`'s weights into the slot compute is not reading."""
+        slot_index = 0 if self._active_slot is None else 1 - self._active_slot
+        for other in [s for s, issued in self._pending.items() if issued.slot == slot_index]:
+            del self._pending[other]  # overwritten below (copies run in issue order); re-issued when entered
+        slot = self._slots[slot_index]
+        jobs, views, offset, n_total = [], {}, 0, 0
         for name in self._stage_members[self.phase][stage]:
-            views = []
+            tensors = []
             for src in self._sources[name]:
                 n_bytes = src.numel() * src.element_size()
                 view = slot[offset:offset + n_bytes].view(src.dtype).view(src.shape)
-                views.append(view)
+                tensors.append(view)
                 jobs.append((view, src))
                 offset += _aligned(src)
                 n_total += n_bytes
-            self._views[name] = tuple(views)
-        self._pending[stage] = (self._copier.issue(jobs, self.stage_names.get(stage, f"stage {stage}")), n_total)
+            views[name] = tuple(tensors)
+        handle = self._copier.issue(jobs, self.stage_names.get(stage, f"stage {stage}"))
+        issued = _Issued(slot_index, handle, n_total, views)
+        self._pending[stage] = issued
+        return issued
 
     def views(self, name: str) -> tuple[torch.Tensor, ...]:
-        """Tensor `name`'s host tensors as copied into the current stage's slot (same order)."""
+        """Tensor `name`'s host tensors as copied into its entered stage's slot (same order)."""
         return self._views[name]
 
     @property
     def copy_busy_s(self) -> float:
-        return getattr(self._copier, "busy_s", 0.0)
+        """Seconds the copies compute used took, each timed on the copy's own clock (CUDA
+        events on the copy stream; the copy thread's clock on the loopback). Reading it waits
+        for those copies, so read it after the measured steps."""
+        return sum(self._copier.seconds(handle) for handle in self._used)
 
     def reset_counters(self) -> None:
         self.bytes_copied = 0
         self.wait_s = 0.0
-        if isinstance(self._copier, _ThreadCopier):
-            self._copier.busy_s = 0.0
+        self._used = []
 
     def close(self) -> None:
-        for handle, _ in self._pending.values():
-            self._copier.wait(handle)
+        for issued in self._pending.values():
+            self._copier.wait(issued.handle)
         self._pending.clear()
         self._copier.close()
