@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from planner.solve.baselines import run_baselines
-from planner.cli.common import (BatchOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt, SolverOpt, TimeLimitOpt,
+from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt, SolverOpt, TimeLimitOpt,
                          VramOpt, check_out_path, console, load_hardware, load_model, print_json, resolve_workload,
                          run_app)
 from planner.cli.run_cmds import acceptance, profile, run, sensitivity
@@ -34,6 +34,7 @@ def solve(
     model: Annotated[str, typer.Argument(help="model.yaml, HF config.json (or its directory), .gguf, or a preset name.")],
     hw: HwOpt,
     vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
+    dram: DramOpt = None, cpu_cores: CpuCoresOpt = None,
     prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also score what accelerate / llama.cpp / "
                                                              "stream-all would pick.")] = False,
@@ -53,7 +54,7 @@ def solve(
     """Find the fastest placement that fits (and the best draft model), and say why."""
     check_out_path(out)
     model_file = load_model(model)
-    profile = load_hardware(hw, vram, ram, host_bw)
+    profile = load_hardware(hw, vram, ram, host_bw, dram, cpu_cores)
     workload = resolve_workload(model_file, prompt, gen, batch)
     from planner.solve.quality import parse_quality, solve_compensated
     from planner.model.ranks import compensation_settings, load_rank_table

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from planner.errors import OffplanError
+from planner.hardware.host import with_host
 from planner.hardware.profile import HardwareProfile, load_profile, with_overrides
 from planner.model.modelfile import ModelFile, load_model_file
 from planner.model.spec import Workload
@@ -29,6 +30,11 @@ VramOpt = Annotated[Optional[str], typer.Option("--vram", help="Accelerator memo
                                                               "(replaces the profile's figure).")]
 RamOpt = Annotated[Optional[str], typer.Option("--ram", help="Host memory, e.g. 64GiB.")]
 HostBwOpt = Annotated[Optional[float], typer.Option("--host-bw", help="Host DRAM bandwidth in GB/s.")]
+DramOpt = Annotated[Optional[str], typer.Option("--dram", help="Host DRAM as TYPE-RATExCHANNELS, e.g. ddr5-6400x2 "
+                                                              "(sets the host bandwidth).")]
+CpuCoresOpt = Annotated[Optional[int], typer.Option("--cpu-cores", help="Host CPU cores (threads) to use.")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="offplan (its own executor) or llamacpp (plan and "
+                                                           "predict llama.cpp).")]
 PromptOpt = Annotated[Optional[int], typer.Option("--prompt", help="Prompt tokens per sequence.")]
 GenOpt = Annotated[Optional[int], typer.Option("--gen", help="Generated tokens per sequence.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch", help="Sequences decoded together.")]
@@ -39,7 +45,10 @@ SolverOpt = Annotated[str, typer.Option("--solver", help="auto (HiGHS if install
 DEFAULT_WORKLOAD = Workload(batch=1, prompt=512, gen=128)
 
 
-def load_hardware(hw: str, vram: str | None, ram: str | None, host_bw: float | None) -> HardwareProfile:
+def load_hardware(hw: str, vram: str | None, ram: str | None, host_bw: float | None,
+                  dram: str | None = None, cpu_cores: int | None = None) -> HardwareProfile:
+    if host_bw is not None and dram is not None:
+        raise OffplanError("--host-bw and --dram: give one of them (--dram sets the host bandwidth)")
     if host_bw is not None and host_bw <= 0:
         raise OffplanError(f"--host-bw: must be positive, got {host_bw}")
     profile = load_profile(hw)
@@ -51,7 +60,7 @@ def load_hardware(hw: str, vram: str | None, ram: str | None, host_bw: float | N
     if ram_bytes is not None and ram_bytes <= profile.host_reserve_bytes:
         raise OffplanError(f"--ram {ram}: not more than the {fmt_bytes(profile.host_reserve_bytes)} profile {hw!r} "
                            "keeps for the OS; give more --ram")
-    return with_overrides(profile, vram_bytes, ram_bytes, host_bw)
+    return with_host(with_overrides(profile, vram_bytes, ram_bytes, host_bw), dram, cpu_cores)
 
 
 def resolve_workload(model: ModelFile, prompt: int | None, gen: int | None, batch: int | None) -> Workload:

@@ -48,6 +48,7 @@ class Accelerator:
     pcie_generation: int = 0  # 0 = unknown / not PCIe
     pcie_width: int = 0
     loopback: bool = False  # the torch CPU device playing the accelerator (DESIGN §6)
+    present: bool = True  # False: a machine without a GPU (CPU-only build); nothing is placed there
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class HardwareProfile:
     @property
     def vram_usable_bytes(self) -> int:
         a = self.accelerator
+        if not a.present:
+            return 0
         return a.memory_bytes - a.used_by_others_bytes - self.reserve_bytes
 
     @property
@@ -142,7 +145,7 @@ def validate_profile(p: HardwareProfile) -> None:
         curve = getattr(p.link, name)
         if any(size <= 0 or gbps <= 0 for size, gbps in curve):
             raise HardwareError(f"link.{name}: sizes and bandwidths must be positive")
-    if p.vram_usable_bytes <= 0:
+    if p.accelerator.present and p.vram_usable_bytes <= 0:
         raise HardwareError(
             f"accelerator.memory_bytes: {p.accelerator.memory_bytes} bytes leave nothing after "
             f"reserve_bytes ({p.reserve_bytes}) and memory used by others")
