@@ -28,3 +28,10 @@ class InfeasiblePlanError(OffplanError):
         self.resource = resource
         self.needed_bytes = needed_bytes
         self.available_bytes = available_bytes
+
+
+class SolverStoppedError(InfeasiblePlanError):
+    """The solver stopped (time limit) before finding any plan: nothing is proven about fit."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "solver time")

@@ -173,12 +173,18 @@ def read_yaml(path: str | Path, error: type[OffplanError] = OffplanError) -> Any
 def atomic_write(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename: never half-written."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    except OSError as exc:  # name the user's path, never a temporary one
+        raise OSError(exc.errno, exc.strerror, str(p)) from None
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, p)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(p)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from planner.errors import OffplanError
@@ -15,6 +16,7 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 GIB = 2**30
+MAX_BYTES = 2**60  # 1 EiB: no memory size or file offplan handles comes near it
 
 
 def parse_bytes(value: object, field: str = "size") -> int:
@@ -31,9 +33,32 @@ def parse_bytes(value: object, field: str = "size") -> int:
     else:
         raise OffplanError(f"{field}: expected a size such as '24GiB', got {value!r}")
     size = number * _SIZE_UNITS[unit]
-    if size <= 0:
+    if size != size or size <= 0:
         raise OffplanError(f"{field}: must be positive, got {value!r}")
+    if size > MAX_BYTES:
+        raise OffplanError(f"{field}: {value!r} is beyond any machine (more than 1 EiB)")
     return int(round(size))
+
+
+def check_positive(value: float, field: str) -> float:
+    """A finite number above zero (bandwidths, rates), or OffplanError naming `field`."""
+    if not math.isfinite(value) or value <= 0:
+        raise OffplanError(f"{field}: must be a positive finite number, got {value:g}")
+    return value
+
+
+def check_seconds(value: float, field: str) -> float:
+    """A finite duration of zero or more seconds, or OffplanError naming `field`."""
+    if not math.isfinite(value) or value < 0:
+        raise OffplanError(f"{field}: must be a finite number of seconds, 0 or more, got {value:g}")
+    return value
+
+
+def check_count(value: int, field: str) -> int:
+    """A whole number of at least 1 (threads, tokens), or OffplanError naming `field`."""
+    if value < 1:
+        raise OffplanError(f"{field}: must be a positive whole number, got {value}")
+    return value
 
 
 def fmt_bytes(n_bytes: float) -> str:

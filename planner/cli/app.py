@@ -52,7 +52,7 @@ def solve(
                                                                             "sensitivity`.")] = None,
 ) -> None:
     """Find the fastest placement that fits (and the best draft model), and say why."""
-    check_out_path(out)
+    check_out_path(out, "--out", {"MODEL": model, "--hw": hw, "--rank-table": rank_table})
     model_file = load_model(model)
     profile = load_hardware(hw, vram, ram, host_bw, dram, cpu_cores)
     workload = resolve_workload(model_file, prompt, gen, batch)
@@ -141,7 +141,7 @@ def simulate(
     from planner.simulate.engine import simulate_plan
     from planner.simulate.trace import decode_step_events, whole_workload_events, workload_metadata, write_trace
     from planner.units import parse_bytes
-    check_out_path(trace)
+    check_out_path(trace, "--trace", {"PLAN": plan_file, "--hw": hw})
     plan = load_plan(plan_file)
     profile = load_hardware(hw, vram, ram, host_bw) if hw else None
     if profile is None and (vram or ram or host_bw):
@@ -219,7 +219,7 @@ def export(
     from planner.plan.export import hf_device_map, llamacpp_args, plan_json
     from planner.plan.record import load_plan
     from planner.schema import atomic_write
-    check_out_path(out)
+    check_out_path(out, "--out", {"PLAN": plan_file})
     plan = load_plan(plan_file)
     if to == "llamacpp":
         args, notes = llamacpp_args(plan)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -18,7 +19,8 @@ from planner.hardware.host import with_host
 from planner.hardware.profile import HardwareProfile, load_profile, with_overrides
 from planner.model.modelfile import ModelFile, load_model_file
 from planner.model.spec import Workload
-from planner.units import fmt_bytes, parse_bytes
+from planner.solve.backend import check_solver_name
+from planner.units import check_count, check_positive, check_seconds, fmt_bytes, parse_bytes
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,18 +31,37 @@ HwOpt = Annotated[str, typer.Option("--hw", help="Hardware profile: a shipped na
 VramOpt = Annotated[Optional[str], typer.Option("--vram", help="Accelerator memory offplan may use, e.g. 10GiB "
                                                               "(replaces the profile's figure).")]
 RamOpt = Annotated[Optional[str], typer.Option("--ram", help="Host memory, e.g. 64GiB.")]
-HostBwOpt = Annotated[Optional[float], typer.Option("--host-bw", help="Host DRAM bandwidth in GB/s.")]
+
+
+def _positive(field: str):
+    return lambda value: None if value is None else check_positive(value, field)
+
+
+def _count(field: str):
+    return lambda value: None if value is None else check_count(value, field)
+
+
+HostBwOpt = Annotated[Optional[float], typer.Option("--host-bw", help="Host DRAM bandwidth in GB/s.",
+                                                    callback=_positive("--host-bw"))]
 DramOpt = Annotated[Optional[str], typer.Option("--dram", help="Host DRAM as TYPE-RATExCHANNELS, e.g. ddr5-6400x2 "
                                                               "(sets the host bandwidth).")]
-CpuCoresOpt = Annotated[Optional[int], typer.Option("--cpu-cores", help="Host CPU cores (threads) to use.")]
+CpuCoresOpt = Annotated[Optional[int], typer.Option("--cpu-cores", help="Host CPU cores (threads) to use.",
+                                                    callback=_count("--cpu-cores"))]
 RuntimeOpt = Annotated[str, typer.Option("--runtime", help="offplan (its own executor) or llamacpp (plan and "
                                                            "predict llama.cpp).")]
-PromptOpt = Annotated[Optional[int], typer.Option("--prompt", help="Prompt tokens per sequence.")]
-GenOpt = Annotated[Optional[int], typer.Option("--gen", help="Generated tokens per sequence.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch", help="Sequences decoded together.")]
+PromptOpt = Annotated[Optional[int], typer.Option("--prompt", help="Prompt tokens per sequence.",
+                                                  callback=_count("--prompt"))]
+GenOpt = Annotated[Optional[int], typer.Option("--gen", help="Generated tokens per sequence.",
+                                               callback=_count("--gen"))]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch", help="Sequences decoded together.",
+                                                 callback=_count("--batch"))]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.",
+                                                   callback=_count("--threads"))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Solver time limit in seconds.")]
-SolverOpt = Annotated[str, typer.Option("--solver", help="auto (HiGHS if installed, else CBC), highs, cbc.")]
+TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Solver time limit in seconds.",
+                                             callback=lambda value: check_seconds(value, "--time-limit"))]
+SolverOpt = Annotated[str, typer.Option("--solver", help="auto (HiGHS if installed, else CBC), highs, cbc.",
+                                        callback=check_solver_name)]
 
 DEFAULT_WORKLOAD = Workload(batch=1, prompt=512, gen=128)
 
@@ -49,8 +70,8 @@ def load_hardware(hw: str, vram: str | None, ram: str | None, host_bw: float | N
                   dram: str | None = None, cpu_cores: int | None = None) -> HardwareProfile:
     if host_bw is not None and dram is not None:
         raise OffplanError("--host-bw and --dram: give one of them (--dram sets the host bandwidth)")
-    if host_bw is not None and host_bw <= 0:
-        raise OffplanError(f"--host-bw: must be positive, got {host_bw}")
+    if host_bw is not None:
+        check_positive(host_bw, "--host-bw")
     profile = load_profile(hw)
     vram_bytes = parse_bytes(vram, "--vram") if vram else None
     if vram_bytes is not None and vram_bytes <= profile.reserve_bytes:
@@ -83,26 +104,65 @@ def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def check_out_path(out: Path | None) -> None:
-    """Fail before any work if the output cannot be written."""
+def check_out_path(out: Path | None, flag: str = "--out",
+                   inputs: Mapping[str, object | None] | None = None) -> None:
+    """Fail before any work if `out` cannot be written or names one of the command's files.
+
+    `inputs` maps how each file was given ("MODEL", "--hw", ...) to its path (None, a preset
+    name or a directory are fine: only files that exist, and a directory's model files, count).
+    Writability is probed by creating and removing a file beside `out` (as root, os.access
+    says yes even where nothing can be created)."""
     if out is None:
         return
-    parent = out.expanduser().resolve().parent
+    path = out.expanduser()
+    parent = path.resolve().parent
     if parent.exists() and not parent.is_dir():
-        raise OffplanError(f"--out {out}: {parent} is a file, not a directory")
+        raise OffplanError(f"{flag} {out}: {parent} is a file, not a directory")
     if not parent.exists():
-        raise OffplanError(f"--out {out}: directory {parent} does not exist")
-    if out.is_dir():
-        raise OffplanError(f"--out {out}: is a directory, expected a file name")
-    if not os.access(parent, os.W_OK):
-        raise OffplanError(f"--out {out}: directory {parent} is not writable")
+        raise OffplanError(f"{flag} {out}: directory {parent} does not exist")
+    if path.is_dir():
+        raise OffplanError(f"{flag} {out}: is a directory, expected a file name")
+    for label, source in (inputs or {}).items():
+        for candidate in _files_of(source):
+            if _same_file(path, candidate):
+                what = label if label.startswith("-") else f"the {label}"
+                raise OffplanError(f"{flag} {out}: is the same file as {what} {source}; offplan never "
+                                   f"overwrites a file it reads, give another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    except OSError as exc:
+        raise OffplanError(f"{flag} {out}: cannot write in {parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+_MODEL_FILE_GLOBS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.gguf")
+
+
+def _files_of(source: object | None) -> list[Path]:
+    """The files a command reads for one input: the file itself, or a directory's model files."""
+    if source is None or isinstance(source, bool):
+        return []
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return [f for pattern in _MODEL_FILE_GLOBS for f in path.glob(pattern)]
+    return [path]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def run_app(app: typer.Typer) -> None:
     """Run the CLI; known errors become one line on stderr and exit code 2."""
     debug = os.environ.get("OFFPLAN_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except OffplanError as exc:
         if debug:
             raise
@@ -112,8 +172,7 @@ def run_app(app: typer.Typer) -> None:
         err_console.print("aborted")
         sys.exit(130)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+        _exit_interrupted()
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
@@ -127,3 +186,21 @@ def run_app(app: typer.Typer) -> None:
             err_console.print(f"[bold red]error:[/] {escape(str(exc.strerror or exc))}: {where}", highlight=False)
             sys.exit(2)
         raise
+    # Without standalone mode typer turns Ctrl-C (and typer.Exit(n)) into a returned code.
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == 130:
+            _exit_interrupted()
+        sys.exit(code)
+
+
+def _exit_interrupted() -> None:
+    """Ctrl-C: say so and exit 130 at once. Output files are written by rename, so nothing is
+    half-written; the process ends without running C++ static destructors, which abort while
+    an interrupted HiGHS still has worker threads."""
+    err_console.print("interrupted")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say
+            pass
+    os._exit(130)

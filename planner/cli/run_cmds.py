@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from planner.cli.common import GenOpt, PromptOpt, check_out_path, console, load_model
+from planner.cli.common import GenOpt, PromptOpt, ThreadsOpt, check_out_path, console, load_model
 from planner.errors import OffplanError
 from planner.cli.render import model_line
 from planner.units import fmt_bytes, fmt_seconds
@@ -24,7 +24,7 @@ def run(
                                                              help="Checkpoint of the plan's draft model.")] = None,
     prompt: PromptOpt = None, gen: GenOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of synthetic weights and prompts.")] = 0,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch.")] = None,
+    threads: ThreadsOpt = None,
     profile_layers: Annotated[bool, typer.Option("--profile-layers", help="Time every stage.")] = False,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write the measured timeline as a "
@@ -34,8 +34,9 @@ def run(
     from planner.plan.record import load_plan
     from planner.cli.render_run import comparison_table, stage_table
     from planner.schema import atomic_write
-    check_out_path(json_file)
-    check_out_path(trace)
+    inputs = {"PLAN": plan_file, "--checkpoint": checkpoint, "--draft-checkpoint": draft_checkpoint}
+    check_out_path(json_file, "--json", inputs)
+    check_out_path(trace, "--trace", {**inputs, "--json": json_file})
     if checkpoint is not None and synthetic:
         raise OffplanError("--checkpoint and --synthetic: give one of them")
     plan = load_plan(plan_file)
@@ -87,14 +88,14 @@ def run_report_json(report) -> dict:
 
 def profile(
     quick: Annotated[bool, typer.Option("--quick", help="About 30 s instead of a few minutes.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads the executor will use.")] = None,
+    threads: ThreadsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile file (default hwprofiles/<host>-<gpu>.yaml).")] = None,
 ) -> None:
     """Measure this machine (link, accelerator, host) and write a hardware profile."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from planner.hardware.profile import save_profile
     from planner.cli.render_hw import profile_table
-    check_out_path(out)
+    check_out_path(out, "--out")
     try:
         from executor.profiler import default_profile_path, profile_machine
     except ModuleNotFoundError as exc:
@@ -151,7 +152,7 @@ def sensitivity(
     """Measure, per weight matrix, the quantization error left at each compensation rank."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from planner.model.ranks import save_rank_table
-    check_out_path(out)
+    check_out_path(out, "--out", {"SOURCE": source, "--calibration": calibration})
     try:
         rank_list = sorted({int(r) for r in ranks.split(",") if r.strip()})
     except ValueError:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import pulp
 
 from planner.cost.options import Scenario
+from planner.solve import backend
 from planner.cost.terms import host_staging_bytes
-from planner.errors import InfeasiblePlanError, OffplanError, SpecError
+from planner.errors import InfeasiblePlanError, OffplanError, SolverStoppedError, SpecError
 from planner.model.placement import Placement
 from planner.cost.evaluate import OptionTables, Prediction, chosen_options, memory_use, option_tables, predict
 from planner.units import fmt_bytes
@@ -62,17 +63,8 @@ class Solution:
 
 
 def pick_solver(options: SolverOptions) -> tuple[str, pulp.LpSolver]:
-    time_limit = options.time_limit_s
-    if options.solver in ("auto", "highs"):
-        highs = pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=options.gap_rel,
-                           **({"threads": options.threads} if options.threads else {}))
-        if highs.available():
-            return "HiGHS", highs
-        if options.solver == "highs":
-            raise InfeasiblePlanError("--solver highs: highspy is not installed (pip install highspy)")
-    cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=options.gap_rel,
-                            **({"threads": options.threads} if options.threads else {}))
-    return "CBC", cbc
+    """The solver of `options`, built by planner/solve/backend.py (silent, interruptible)."""
+    return backend.pick_solver(options.solver, options.time_limit_s, options.gap_rel, options.threads)
 
 
 def check_lower_bounds(tables: OptionTables) -> None:
@@ -123,6 +115,9 @@ def solve_placement(scn: Scenario, options: SolverOptions = SolverOptions(),
         elapsed += time.perf_counter() - start
         status = pulp.LpStatus[prob.status]
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            if prob.sol_status != pulp.LpSolutionInfeasible:  # stopped, nothing proven
+                raise SolverStoppedError(f"the solver ({name}) stopped without a plan within "
+                                         f"{options.time_limit_s:g} s; give a longer --time-limit")
             raise _infeasible(tables, status, options)
         placement = _read_placement(tables, x, z, groups)
         prediction = predict(tables, *chosen_options(tables, placement))
