@@ -112,9 +112,8 @@ def measure_profile(settings: Settings, threads: int | None = None,
 def _profile_with(settings: Settings, threads: int | None, report: Progress, host: HostFacts,
                   gpu: GpuFacts | None) -> HardwareProfile:
     """Measures and assembles the profile of `host` with `gpu` (None: loopback)."""
-    busy = busy_note()
+    busy = busy_note(threads)  # `offplan profile` prints it before measuring
     if busy:
-        log.warning(busy)
         report(busy, 0.0)
     cpu = torch.device("cpu")
     host_target = Target("host", cpu, CPU_DTYPES, settings.cpu_gemm_shapes, settings.copy_bytes)
@@ -134,15 +133,16 @@ def _profile_with(settings: Settings, threads: int | None, report: Progress, hos
     return _cuda_profile(host, gpu, measure.compute_figures(targets[0], timings, settings), figures)
 
 
-def busy_note() -> str:
+def busy_note(threads: int | None = None) -> str:
     """A warning when other programs keep the CPUs busy: the figures would come out low
-    (a parallel operator waits for a descheduled thread for a whole time slice)."""
+    (a parallel operator waits for a descheduled thread for a whole time slice). `threads`:
+    what --threads asked for; fewer threads are suggested only when it was not given."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if load <= BUSY_LOAD_FRACTION * cpus:
         return ""
-    return (f"machine busy: load average {load:.1f} on {cpus} CPUs before profiling; "
-            "figures may come out low; profile again when it is idle, or with --threads 1")
+    advice = "profile again when it is idle" + (", or with --threads 1" if threads is None else "")
+    return f"machine busy: load average {load:.1f} on {cpus} CPUs before profiling; figures may come out low; {advice}"
 
 
 def _no_progress(step: str, fraction: float) -> None:

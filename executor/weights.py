@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from planner.errors import PlanError, SpecError
 from planner.model.hfconfig import hf_config_from_spec, load_hf_config
-from planner.schema import atomic_write
+from planner.schema import atomic_write, new_file_mode
 from planner.model.spec import ModelSpec
 
 from .model import Transformer, torch_dtype
@@ -201,6 +201,7 @@ def save_checkpoint(model: Transformer, spec: ModelSpec, out_dir: str | Path) ->
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, out_dir / SINGLE_FILE)
         (out_dir / INDEX_FILE).unlink(missing_ok=True)  # a stale shard index would take precedence
     except BaseException:

@@ -171,7 +171,8 @@ def read_yaml(path: str | Path, error: type[OffplanError] = OffplanError) -> Any
 
 
 def atomic_write(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename: never half-written."""
+    """Write `text` to a temporary file beside `path`, then rename: never half-written. The file
+    gets the permissions any new file gets here (0666 less the umask), not mkstemp's 0600."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +182,7 @@ def atomic_write(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, p)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -188,6 +190,14 @@ def atomic_write(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_file_mode() -> int:
+    """0666 less the process's umask: the mode `open()` would give a new file. (Reading the
+    umask means setting it, so it is set straight back.)"""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def dump_yaml(data: Any) -> str:

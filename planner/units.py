@@ -70,6 +70,18 @@ def fmt_bytes(n_bytes: float) -> str:
     return f"{n:.0f} B"
 
 
+def fmt_sig(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant digits as a plain decimal, never in exponent form:
+    680.4 -> '680', 0.0006721 -> '0.000672', 1.10 -> '1.1'; 123456 -> '123,000' at 3 digits."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    if decimals <= 0:
+        return f"{round(value, decimals):,.0f}"
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".")
+
+
 def fmt_seconds(t_s: float) -> str:
     """Seconds -> '12.3 ms' / '1.42 s' / '3 min 5 s'."""
     if t_s < 1e-3:

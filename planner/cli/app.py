@@ -13,6 +13,7 @@ from planner.solve.baselines import run_baselines
 from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt, SolverOpt, TimeLimitOpt,
                          VramOpt, check_out_path, console, load_hardware, load_model, print_json, resolve_workload,
                          run_app)
+from planner.cli.help import OffplanGroup, offplan_version
 from planner.cli.run_cmds import acceptance, profile, run, sensitivity
 from planner.cost.options import Scenario
 from planner.hardware.profile import load_profile, shipped_profile_names
@@ -23,10 +24,22 @@ from planner.cli.render import compare_table, memory_table, model_line, placemen
 from planner.errors import OffplanError
 from planner.units import fmt_seconds
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OffplanGroup,
                   help="Plan and run LLMs on a GPU that is too small for them.")
-hw_app = typer.Typer(no_args_is_help=True, help="Hardware profiles: list the shipped ones, show one.")
+hw_app = typer.Typer(no_args_is_help=True, cls=OffplanGroup, help="Hardware profiles: list the shipped ones, show one.")
 app.add_typer(hw_app, name="hw")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"offplan {offplan_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                   callback=_print_version)] = False) -> None:
+    """Plan and run LLMs on a GPU that is too small for them."""
 
 
 @app.command()

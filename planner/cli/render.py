@@ -7,6 +7,8 @@ from itertools import groupby
 
 from rich.table import Table
 
+from planner.cli.render_fit import FitTable
+
 from planner.plan.record import MemorySummary, Plan
 from planner.model.spec import ModelSpec
 from planner.units import fmt_bytes, fmt_seconds
@@ -71,20 +73,20 @@ def placement_ranges(plan: Plan) -> list[tuple[str, str]]:
     return rows
 
 
-def placement_table(plan: Plan) -> Table:
+def placement_table(plan: Plan) -> FitTable:
     table = Table(title="Placement", title_justify="left")
-    table.add_column("layers", justify="right", style="bold")
+    table.add_column("layers", justify="right", style="bold", no_wrap=True)
     table.add_column("where the weights live and run")
     for span, sig in placement_ranges(plan):
         table.add_row(span, sig)
-    return table
+    return FitTable(table)
 
 
-def memory_table(plan: Plan) -> Table:
+def memory_table(plan: Plan) -> FitTable:
     table = Table(title="Memory per device", title_justify="left")
     table.add_column("")
-    table.add_column("accelerator", justify="right")
-    table.add_column("host", justify="right")
+    table.add_column("accelerator", justify="right", no_wrap=True)
+    table.add_column("host", justify="right", no_wrap=True)
     vram, host = plan.predicted.vram, plan.predicted.host
     for label, attr in (("weights", "weights_bytes"), ("KV cache", "kv_bytes"), ("buffers", "buffer_bytes"),
                         ("workspace", "workspace_bytes"), ("draft model", "draft_bytes"),
@@ -100,19 +102,19 @@ def memory_table(plan: Plan) -> Table:
     table.add_row("[bold]used of available[/]", *cells)
     table.add_row("reserved (runtime / OS)", fmt_bytes(vram.reserve_bytes) if vram.reserve_bytes else "-",
                   fmt_bytes(host.reserve_bytes) if host.reserve_bytes else "-")
-    return table
+    return FitTable(table)
 
 
 def _used(m: MemorySummary) -> int:
     return m.weights_bytes + m.kv_bytes + m.buffer_bytes + m.workspace_bytes + m.draft_bytes + m.compensation_bytes
 
 
-def speed_table(plan: Plan) -> Table:
+def speed_table(plan: Plan) -> FitTable:
     pr = plan.predicted
     table = Table(title="Predicted speed", title_justify="left")
     table.add_column("phase")
-    table.add_column("time", justify="right")
-    table.add_column("rate", justify="right")
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("rate", justify="right", no_wrap=True)
     table.add_column("bound by")
     prompt_tokens = plan.workload.batch * plan.workload.prompt
     table.add_row("prefill (time to first token)", fmt_seconds(pr.ttft_s),
@@ -120,7 +122,7 @@ def speed_table(plan: Plan) -> Table:
     table.add_row("decode step", fmt_seconds(pr.decode_step_s), f"{pr.decode_tokens_per_s:,.2f} tok/s",
                   _bound_text(pr.decode_by_resource_s))
     table.add_row("whole workload", fmt_seconds(pr.total_s), "", "")
-    return table
+    return FitTable(table)
 
 
 def _bound_text(shares: dict[str, float]) -> str:
@@ -160,19 +162,20 @@ def plan_json(plan: Plan, baselines: list | None = None) -> dict:
     return out
 
 
-def compare_table(plan: Plan, baselines: list) -> Table:
+def compare_table(plan: Plan, baselines: list) -> FitTable:
     pr = plan.predicted
     table = Table(title="offplan vs what other tools would pick (same cost model)", title_justify="left")
-    for col, justify in (("strategy", "left"), ("their choice", "left"), ("time to first token", "right"),
-                         ("decode tok/s", "right"), ("whole workload", "right"), ("offplan is faster by", "right")):
-        table.add_column(col, justify=justify)
+    table.add_column("strategy", no_wrap=True)
+    table.add_column("their choice")
+    for col in ("time to\nfirst token", "decode\ntok/s", "whole\nworkload", "offplan is\nfaster by"):
+        table.add_column(col, justify="right", no_wrap=True)
     table.add_row("[bold]offplan (ILP)[/]", plan.provenance.solver_status, fmt_seconds(pr.ttft_s),
                   f"{pr.decode_tokens_per_s:,.2f}", fmt_seconds(pr.total_s), "")
     for b in baselines:
         if b.prediction is None:
-            table.add_row(b.name, b.note, "does not fit", "-", "-", "-")
+            table.add_row(b.name, f"{b.note} (does not fit)", "-", "-", "-", "-")
             continue
         p = b.prediction
         table.add_row(b.name, b.note, fmt_seconds(p.ttft_s), f"{p.decode_tokens_per_s:,.2f}",
                       fmt_seconds(p.total_s), f"{p.total_s / pr.total_s:.2f}x")
-    return table
+    return FitTable(table)

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from planner.cli.render_fit import FitTable
+
 from planner.cli.render import RESOURCE_WORDS
 from planner.units import fmt_bytes, fmt_seconds
 
 
-def hardware_table(rows) -> Table:
-    """rows: (label, profile, prediction or None, reason it does not fit)."""
+def hardware_table(rows) -> FitTable:
+    """rows: (label, profile, prediction or None, reason it does not fit). The profile name is
+    never shortened; narrow terminals lose the price column first."""
     table = Table(title="Best plan per hardware profile", title_justify="left")
-    for col, justify in (("profile", "left"), ("VRAM", "right"), ("fits", "left"), ("time to first token", "right"),
-                         ("decode tok/s", "right"), ("bound by", "left"), ("tok/s per $1000", "right")):
-        table.add_column(col, justify=justify)
+    table.add_column("profile", no_wrap=True)
+    table.add_column("VRAM", justify="right", no_wrap=True)
+    table.add_column("fits")
+    for col in ("time to\nfirst token", "decode\ntok/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("bound by")
+    table.add_column("tok/s per\n$1000", justify="right", no_wrap=True)
     for label, profile, prediction, reason in rows:
         vram = fmt_bytes(profile.accelerator.memory_bytes)
         if prediction is None:
@@ -23,4 +30,4 @@ def hardware_table(rows) -> Table:
                  if profile.price_usd else "-")
         table.add_row(label, vram, "yes", fmt_seconds(prediction.ttft_s),
                       f"{prediction.decode_tokens_per_s:,.2f}", RESOURCE_WORDS[prediction.bound("decode")], per_k)
-    return table
+    return FitTable(table, optional=("bound by", "tok/s per $1000"))

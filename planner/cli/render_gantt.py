@@ -1,14 +1,17 @@
 """Terminal Gantt chart of a timeline (simulated or measured) and the simulation summary.
 
-One row per resource; each column is a time bin of width (end - start) / columns, drawn in
-the colour of the kind of work that fills most of it: a full block when the resource is busy
-at least half the bin, a half block when less, a dot when idle.
+One row per resource; each column is a time bin of width (end - start) / columns, marked with
+the letter (and colour) of the kind of work that fills most of it: upper case when the
+resource is busy at least half the bin, lower case when less, a dot when idle. Letters keep
+the kinds apart without colour (a pipe, a log file, NO_COLOR).
 """
 
 from __future__ import annotations
 
 from rich.console import Group
 from rich.table import Table
+
+from planner.cli.render_fit import FitTable
 from rich.text import Text
 
 from planner.simulate.engine import KINDS, RESOURCES, Event, SimResult, event_kind
@@ -17,7 +20,8 @@ from planner.units import fmt_bytes, fmt_seconds
 KIND_COLOURS = {"compute": "green", "stream": "blue", "transfer": "magenta", "cpu": "yellow"}
 KIND_WORDS = {"compute": "accelerator compute", "stream": "weight streaming", "transfer": "activation transfers",
               "cpu": "CPU compute"}
-FULL, PART, IDLE = "█", "▄", "·"
+KIND_MARKS = {"compute": "A", "stream": "S", "transfer": "T", "cpu": "C"}  # upper case: busy >= half the bin
+IDLE = "·"
 TICKS = 4  # intervals on the time axis
 
 
@@ -46,7 +50,9 @@ def _row(events: list[Event], t0: float, bin_s: float, cols: int) -> Text:
         if busy < 1e-3:
             row.append(IDLE, style="grey50")
         else:
-            row.append(FULL if busy >= 0.5 else PART, style=KIND_COLOURS[max(cell, key=cell.get)])
+            kind = max(cell, key=cell.get)
+            mark = KIND_MARKS[kind] if busy >= 0.5 else KIND_MARKS[kind].lower()
+            row.append(mark, style=KIND_COLOURS[kind])
     return row
 
 
@@ -79,13 +85,8 @@ def gantt(events, width: int = 100, title: str = "") -> Group:
         line.append_text(_row([e for e in events if e.resource == r], t0, bin_s, cols))
         parts.append(line)
     parts += list(_axis(label_w, cols, t0, span_s))
-    legend = Text(" " * label_w)
-    for kind in KINDS:
-        legend.append(FULL, style=KIND_COLOURS[kind])
-        legend.append(f" {kind}  ")
-    legend.append(IDLE, style="grey50")
-    legend.append(" idle")
-    parts.append(legend)
+    parts.append(Text("  ").join(Text.assemble((KIND_MARKS[k], KIND_COLOURS[k]), f" {KIND_WORDS[k]}") for k in KINDS))
+    parts.append(Text.assemble((IDLE, "grey50"), " idle; lower case: busy less than half of the time bin"))
     return Group(*parts)
 
 
@@ -93,11 +94,12 @@ def _diff(sim_s: float, ilp_s: float) -> str:
     return f"{(sim_s - ilp_s) / ilp_s:+.1%}" if ilp_s > 0 else "—"
 
 
-def summary_table(result: SimResult) -> Table:
+def summary_table(result: SimResult) -> FitTable:
     """Simulated against ILP step and prefill time, resource busy shares, what bounds the step."""
     table = Table(title="simulated vs ILP estimate", title_justify="left")
-    for header, justify in (("", "left"), ("simulated", "right"), ("ILP", "right"), ("difference", "right")):
-        table.add_column(header, justify=justify)
+    table.add_column("", no_wrap=True)
+    for header in ("simulated", "ILP", "difference"):
+        table.add_column(header, justify="right", no_wrap=True)
     table.add_row("decode step", fmt_seconds(result.decode_step_s), fmt_seconds(result.ilp_decode_step_s),
                   _diff(result.decode_step_s, result.ilp_decode_step_s))
     table.add_row("prefill", fmt_seconds(result.prefill_s), fmt_seconds(result.ilp_prefill_s),
@@ -114,4 +116,4 @@ def summary_table(result: SimResult) -> Table:
     chunks = f", copies in {fmt_bytes(result.copy_chunk_bytes)} pieces" if result.copy_chunk_bytes else ""
     notes.append(f"{result.buffers} prefetch buffers ({result.prefetch}){chunks}, {result.cpu_workers} cpu worker(s)")
     table.caption, table.caption_justify = "\n".join(notes), "left"
-    return table
+    return FitTable(table)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from planner.cli.render_fit import FitTable
 from planner.hardware.profile import HardwareProfile
-from planner.units import fmt_bytes, fmt_seconds
+from planner.units import fmt_bytes, fmt_seconds, fmt_sig
 
 Row = tuple[str, str, str]  # (figure, value, field path for its spread or citation)
 # PCIe bandwidth per lane and direction after line encoding (8b/10b to gen2, 128b/130b after,
@@ -27,20 +28,20 @@ def fmt_rate(value: float) -> str:
         return f"{value:.1f}"
     if value >= 1:
         return f"{value:.2f}"
-    return f"{value:.3g}"
+    return fmt_sig(value, 3)
 
 
 def fmt_time(t_s: float) -> str:
     """Like fmt_seconds, with a decimal below 10 µs: per-call overheads are often below 1 µs."""
-    return f"{t_s * 1e6:.2g} µs" if t_s < 1e-5 else fmt_seconds(t_s)
+    return f"{fmt_sig(t_s * 1e6, 2)} µs" if t_s < 1e-5 else fmt_seconds(t_s)
 
 
 def fmt_size_short(n_bytes: float) -> str:
     """65536 -> '64K', 1073741824 -> '1G' (curve points)."""
     for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
         if n_bytes >= scale:
-            return f"{n_bytes / scale:g}{unit}"
-    return f"{n_bytes:g}B"
+            return f"{fmt_sig(n_bytes / scale, 4)}{unit}"
+    return f"{fmt_sig(n_bytes, 4)}B"
 
 
 def curve_text(curve: tuple[tuple[float, float], ...]) -> str:
@@ -125,7 +126,7 @@ def _host_rows(p: HardwareProfile) -> list[Row]:
            else "= memory bandwidth (not measured)")
     rows += [("memory bandwidth", f"{fmt_rate(h.mem_bw_gbps)} GB/s", "host.mem_bw_gbps"),
              ("memory bus", bus, "host.bus_gbps"),
-             *([("matmuls beside a copy", f"{h.copy_slowdown_s_per_gb * 1e3:.2g} ms slower per GB copied",
+             *([("matmuls beside a copy", f"{fmt_sig(h.copy_slowdown_s_per_gb * 1e3, 2)} ms slower per GB copied",
                  "host.copy_slowdown_s_per_gb")] if h.copy_slowdown_s_per_gb else []),
              *_flops_rows("host", h.flops_tflops),
              ("matmul efficiency", f"{h.matmul_efficiency:.0%} of peak", "host.matmul_efficiency"),
@@ -173,30 +174,31 @@ def _evidence(p: HardwareProfile, path: str) -> str:
     return "cited" if cited else ""
 
 
-def profile_table(profile: HardwareProfile) -> Table:
+def profile_table(profile: HardwareProfile) -> FitTable:
     """Every figure of one profile with units, its spread (measured) or citation (datasheet);
     the caption says where the figures come from."""
     table = Table(title=profile.name, caption=source_text(profile), title_justify="left",
                   caption_justify="left")
-    table.add_column("part", style="bold")
-    table.add_column("figure")
+    table.add_column("part", style="bold", no_wrap=True)
+    table.add_column("figure", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_column("spread" if profile.is_measured else "source", justify="right")
+    table.add_column("spread" if profile.is_measured else "source", justify="right", no_wrap=True)
     sections = (("accelerator", _accelerator_rows(profile)), ("link", _link_rows(profile)),
                 ("host", _host_rows(profile)), ("reserve", _reserve_rows(profile)))
     for part, rows in sections:
         for i, (figure, value, path) in enumerate(rows):
             table.add_row(part if i == 0 else "", figure, value, _evidence(profile, path),
                           end_section=i == len(rows) - 1)
-    return table
+    return FitTable(table)
 
 
-def profiles_overview_table(profiles: list[HardwareProfile], names: list[str] | None = None) -> Table:
+def profiles_overview_table(profiles: list[HardwareProfile], names: list[str] | None = None) -> FitTable:
     """Key figures of several profiles, one row each. `names`: what to pass to `--hw` for each
-    (shipped names such as 'rtx4090'); default: each profile's own name."""
+    (shipped names such as 'rtx4090'); default: each profile's own name. The name is never
+    shortened; at 80 columns the last columns are left out."""
     table = Table(title="Hardware profiles", title_justify="left")
-    table.add_column("name", max_width=30)
-    table.add_column("accelerator", min_width=12, ratio=1)
+    table.add_column("name", no_wrap=True)
+    table.add_column("accelerator")
     for column in ("VRAM", "mem bw\nGB/s", "bf16\nTFLOPS", "link\nGB/s", "host RAM", "host bw\nGB/s",
                    "price"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -208,4 +210,5 @@ def profiles_overview_table(profiles: list[HardwareProfile], names: list[str] | 
                       fmt_rate(bf16) if bf16 is not None else "—", fmt_rate(p.link.h2d_gbps),
                       fmt_bytes(p.host.memory_bytes), fmt_rate(p.host.mem_bw_gbps),
                       f"${p.price_usd:,.0f}" if p.price_usd else "—", p.source.kind)
-    return table
+    return FitTable(table, optional=("mem bw GB/s", "bf16 TFLOPS", "link GB/s", "host RAM", "host bw GB/s", "price",
+                                     "source"))

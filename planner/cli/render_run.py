@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from planner.cli.render_fit import FitTable
+
 from planner.units import fmt_bytes, fmt_seconds
 
 
@@ -17,10 +19,11 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:,.2f} {unit}"
 
 
-def comparison_table(rows: list[tuple[str, float, float, str]], title: str) -> Table:
+def comparison_table(rows: list[tuple[str, float, float, str]], title: str) -> FitTable:
     table = Table(title=title, title_justify="left")
-    for col, justify in (("metric", "left"), ("predicted", "right"), ("measured", "right"), ("error", "right")):
-        table.add_column(col, justify=justify)
+    table.add_column("metric")
+    for col in ("predicted", "measured", "error"):
+        table.add_column(col, justify="right", no_wrap=True)
     for name, predicted, measured, unit in rows:
         if not measured:
             table.add_row(name, _fmt(predicted, unit), _fmt(measured, unit), "-")
@@ -28,15 +31,16 @@ def comparison_table(rows: list[tuple[str, float, float, str]], title: str) -> T
         error = 100.0 * (predicted - measured) / measured
         style = "green" if abs(error) <= 15 else ("yellow" if abs(error) <= 30 else "red")
         table.add_row(name, _fmt(predicted, unit), _fmt(measured, unit), f"[{style}]{error:+.1f}%[/]")
-    return table
+    return FitTable(table)
 
 
-def stage_table(stages) -> Table:
+def stage_table(stages) -> FitTable:
     table = Table(title="Decode time per stage (mean per step)", title_justify="left")
-    for col in ("stage", "predicted", "measured", "error", "host attention"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    table.add_column("stage", no_wrap=True)
+    for col in ("predicted", "measured", "error", "host\nattention"):
+        table.add_column(col, justify="right", no_wrap=True)
     for s in stages:
         error = f"{100.0 * (s.predicted_s - s.measured_s) / s.measured_s:+.1f}%" if s.measured_s else "-"
         table.add_row(s.name, fmt_seconds(s.predicted_s), fmt_seconds(s.measured_s), error,
                       fmt_seconds(s.host_attention_s) if s.host_attention_s else "-")
-    return table
+    return FitTable(table)

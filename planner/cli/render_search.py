@@ -6,6 +6,8 @@ from itertools import groupby
 
 from rich.table import Table
 
+from planner.cli.render_fit import FitTable
+
 from planner.solve.drafts import Candidate, SearchResult
 from planner.units import fmt_seconds
 
@@ -35,17 +37,17 @@ def draft_summary(result: SearchResult) -> str:
             f"({fmt_seconds(base.total_s)} -> {fmt_seconds(best.total_s)})")
 
 
-def alternatives_table(result: SearchResult) -> Table:
+def alternatives_table(result: SearchResult) -> FitTable:
     """Draft x draft length (x batch): E, decode tok/s, total time, and whether it fits.
     Consecutive draft lengths of one draft that fail for the same reason share a row."""
     several_batches = len({c.batch for c in result.candidates}) > 1
     table = Table(title="Speculative decoding: alternatives", title_justify="left")
-    table.add_column("draft")
-    table.add_column("γ", justify="right")
+    table.add_column("draft", no_wrap=True)
+    table.add_column("γ", justify="right", no_wrap=True)
     if several_batches:
-        table.add_column("batch", justify="right")
-    for column in ("acceptance", "E", "decode tok/s", "total time"):
-        table.add_column(column, justify="right")
+        table.add_column("batch", justify="right", no_wrap=True)
+    for column in ("acceptance", "E", "decode\ntok/s", "total time"):
+        table.add_column(column, justify="right", no_wrap=True)
     table.add_column("fits")
 
     def row_key(c: Candidate):
@@ -64,7 +66,7 @@ def alternatives_table(result: SearchResult) -> Table:
                   f"{c.decode_tokens_per_s:,.2f}" if c.solution else "-",
                   _total_text(c), "yes (chosen)" if c is result.best else _fits_text(c)]
         table.add_row(*cells, style="bold green" if c is result.best else None)
-    return table
+    return FitTable(table, optional=("acceptance",))
 
 
 def _total_text(c: Candidate) -> str:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from planner.cli.common import GenOpt, PromptOpt, ThreadsOpt, check_out_path, console, load_model
+from planner.cli.common import GenOpt, PromptOpt, ThreadsOpt, check_out_path, console, err_console, load_model
 from planner.errors import OffplanError
 from planner.cli.render import model_line
 from planner.units import fmt_bytes, fmt_seconds
@@ -97,9 +97,12 @@ def profile(
     from planner.cli.render_hw import profile_table
     check_out_path(out, "--out")
     try:
-        from executor.profiler import default_profile_path, profile_machine
+        from executor.profiler import busy_note, default_profile_path, profile_machine
     except ModuleNotFoundError as exc:
         raise missing_run_extra("profile", exc) from None
+    busy = busy_note(threads)
+    if busy:
+        err_console.print(f"[bold yellow]warning:[/] {busy}", highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("profiling", total=1.0)
 

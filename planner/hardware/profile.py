@@ -201,7 +201,7 @@ def _resolve(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
         return path
-    shipped = resources.files("hwprofiles") / f"{name_or_path}.yaml"
+    shipped = resources.files("hwprofiles") / f"{name_or_path.strip().lower()}.yaml"  # any letter case
     if shipped.is_file():
         return Path(str(shipped))
     names = ", ".join(shipped_profile_names())

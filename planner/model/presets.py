@@ -44,8 +44,10 @@ def preset_names() -> list[str]:
 
 
 def preset(name: str) -> ModelSpec:
+    """The preset called `name`, in any letter case ('Llama-3.1-8B' is 'llama-3.1-8b')."""
     specs = _all()
-    if name not in specs:
+    key = name.strip().lower()
+    if key not in specs:
         raise SpecError(f"model {name!r}: unknown preset; known: {', '.join(sorted(specs))}, "
                         "or give a model.yaml / config.json / .gguf path")
-    return specs[name]
+    return specs[key]

@@ -323,4 +323,8 @@ def test_gantt_and_summary_render():
         assert any(line.startswith(r) for line in rows), r
     assert all(len(line) <= 100 for line in rows)
     assert "decode step" in text and "ILP" in text and "bound by" in text
-    assert any("█" in line for line in rows)
+    accelerator = next(line for line in rows if line.startswith("accelerator"))
+    assert set(accelerator.split()[1]) & set("Aa")  # its bins show accelerator compute
+    legend = next(line for line in rows if "weight streaming" in line) + " " + next(line for line in rows if "idle" in line)
+    marks = [word for word in legend.split() if len(word) == 1]
+    assert len(set(marks)) == len(marks) == 5  # every kind and idle has its own mark, colour or not
