@@ -1,10 +1,12 @@
 """apply_plan(model, plan): put every tensor where the plan says, from outside the model.
 
 - `gpu` weights move to the accelerator and stay there (plain nn.Linear).
-- `stream` weights live in (pinned) host memory; a PrefetchEngine copies the next stage's
-  weights into one of two accelerator buffers while the current stage computes.
-- `cpu` weights live in host memory and are computed there; activations cross the link.
-  A cpu weight marked `prefill_streamed` is streamed like a `stream` weight during prefill.
+- `stream` weights live in one host pool (executor/hostmem.py: page-locked on CUDA, sized
+  to the streamed bytes); a PrefetchEngine copies the next stage's weights into one of two
+  accelerator buffers while the current stage computes.
+- `cpu` weights stay in ordinary host memory and are computed there; activations cross the
+  link (up through one staging buffer). A cpu weight marked `prefill_streamed` is streamed
+  like a `stream` weight during prefill, so it lives in the pool too.
 - Quantized weights (executor/quant.py) stay packed wherever they are: streamed ones move
   their codes, scales and zero points and are dequantized where they are multiplied. A
   compensated matrix keeps its CompensatedLinear, whose backbone becomes the placed one, so
@@ -31,7 +33,8 @@ from .attention import HybridKVCache, split_tokens
 from .compensation import CompensatedLinear
 from .model import KVCache, Transformer
 from .quant import QuantizedTensor, QuantLinear, quant_matmul
-from .streams import Devices, PrefetchEngine, to_accelerator, to_host
+from .hostmem import HostPool, Uplink, on_host, to_host
+from .streams import Devices, PrefetchEngine
 
 PHASES = ("prefill", "decode")
 
@@ -71,13 +74,13 @@ class PlacedLinear(nn.Module):
 
     def __init__(self, kernel: FloatKernel | QuantKernel, host_tensors: tuple[Tensor, ...],
                  bias: Tensor | None, name: str, device: str, prefill_streamed: bool,
-                 devices: Devices, engine: PrefetchEngine, stats: LinearStats):
+                 devices: Devices, engine: PrefetchEngine, stats: LinearStats, uplink: Uplink):
         super().__init__()
         self.name, self.placement, self.prefill_streamed = name, device, prefill_streamed
-        self.devices, self.engine, self.stats = devices, engine, stats
+        self.devices, self.engine, self.stats, self.uplink = devices, engine, stats, uplink
         self.kernel = kernel
-        self.host_tensors = host_tensors  # what streams and what the host multiplies; pinned on CUDA
-        self.host_bias = None if bias is None else devices.host_copy(bias.detach())
+        self.host_tensors = host_tensors  # what streams (from the pool) and what the host multiplies
+        self.host_bias = None if bias is None else on_host(bias.detach(), devices)
         self.device_bias = None if bias is None else bias.detach().to(devices.accelerator)
         self.recorder = None  # executor.recorder.Recorder when tracing
         self.stage = name.split(".self_attn")[0].split(".mlp")[0].replace("layers.", "layer ")
@@ -96,7 +99,7 @@ class PlacedLinear(nn.Module):
         if self.recorder is not None:
             r = self.recorder
             r.add("cpu", self.name, moved - r.t0, computed - r.t0, self.stage)
-        y = to_accelerator(y_host, self.devices)
+        y = self.uplink.send(y_host)
         done = time.perf_counter()
         self.stats.cpu_s += computed - moved
         self.stats.xfer_s += (moved - start) + (done - computed)
@@ -107,14 +110,14 @@ class PlacedLinear(nn.Module):
 class HostEmbedding(nn.Module):
     """Token lookup in host memory; only the looked-up rows cross the link."""
 
-    def __init__(self, weight: torch.Tensor, devices: Devices):
+    def __init__(self, weight: torch.Tensor, devices: Devices, uplink: Uplink):
         super().__init__()
-        self.devices = devices
-        self.host_weight = weight if weight.device == devices.host else devices.host_copy(weight)
+        self.devices, self.uplink = devices, uplink
+        self.host_weight = on_host(weight, devices)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens [batch, t]
         rows = F.embedding(tokens.to(self.devices.host), self.host_weight)  # [batch, t, hidden]
-        return to_accelerator(rows, self.devices)
+        return self.uplink.send(rows)
 
 
 @dataclass
@@ -128,6 +131,8 @@ class OffloadHandle:
     caches: list[nn.Module]
     linear_stats: LinearStats
     resident_bytes: int
+    pool: HostPool
+    uplink: Uplink
     hooks: list = field(default_factory=list)
     recorder: object = None
     on_close: list = field(default_factory=list)  # callbacks run by close() (e.g. compensation workers)
@@ -153,6 +158,12 @@ class OffloadHandle:
         """Bytes offplan holds on the accelerator: resident weights, stream buffers, device KV."""
         return self.resident_bytes + self.engine.buffer_bytes + self.device_kv_bytes
 
+    @property
+    def page_locked_bytes(self) -> int:
+        """Host bytes offplan page-locks on CUDA (the same buffers, unlocked, on the loopback):
+        the streamed-weight pool and the activation staging buffer."""
+        return self.pool.n_bytes + self.uplink.staging_bytes
+
     def reset_caches(self) -> None:
         self.model.truncate_caches(0)
 
@@ -170,6 +181,8 @@ class OffloadHandle:
         for hook in self.hooks:
             hook.remove()
         self.engine.close()
+        self.uplink.close()
+        self.pool.close()
         for cache in self.caches:
             if isinstance(cache, HybridKVCache):
                 cache.close()
@@ -182,18 +195,25 @@ def _check_model(model: Transformer, plan: Plan) -> None:
         raise PlanError(f"plan: tensor {missing[0]!r} is not in the model (the plan was made for another model)")
 
 
-def placed_linear(module: nn.Linear | QuantLinear, name: str, device: str, prefill_streamed: bool,
-                  devices: Devices, engine: PrefetchEngine, stats: LinearStats) -> PlacedLinear:
-    """The PlacedLinear of a float or quantized Linear. A quantized one keeps only its packed
-    storage on the host (the module's own tensors when they already are in usable host
-    memory), so it streams and is multiplied as packed integers."""
-    common = (name, device, prefill_streamed, devices, engine, stats)
+def host_tensors(module: nn.Linear | QuantLinear) -> tuple[Tensor, ...]:
+    """What a placed linear keeps on the host: a quantized one's packed storage (codes,
+    scales[, zeros]), so it streams and is multiplied as packed integers; else its weight."""
     if isinstance(module, QuantLinear):
-        qt = module.quantized()
-        host_qt = qt.with_storage(tuple(devices.host_resident(t) for t in qt.storage))
-        return PlacedLinear(QuantKernel(host_qt), host_qt.storage, module.bias, *common)
-    weight = devices.host_copy(module.weight.detach())  # [out, in]
-    return PlacedLinear(FloatKernel(), (weight,), module.bias, *common)
+        return module.quantized().storage
+    return (module.weight.detach(),)  # [out, in]
+
+
+def placed_linear(module: nn.Linear | QuantLinear, name: str, device: str, prefill_streamed: bool,
+                  devices: Devices, engine: PrefetchEngine, stats: LinearStats, uplink: Uplink,
+                  pool: HostPool) -> PlacedLinear:
+    """The PlacedLinear of a float or quantized Linear. A weight that streams (in any phase)
+    is copied into `pool`; a host-computed one stays where it is (moved to the host if not)."""
+    streams = device == "stream" or prefill_streamed
+    tensors = tuple(pool.carve(t) if streams else on_host(t, devices) for t in host_tensors(module))
+    common = (name, device, prefill_streamed, devices, engine, stats, uplink)
+    if isinstance(module, QuantLinear):
+        return PlacedLinear(QuantKernel(module.quantized().with_storage(tensors)), tensors, module.bias, *common)
+    return PlacedLinear(FloatKernel(), tensors, module.bias, *common)
 
 
 def _module_bytes(module: nn.Module) -> int:
@@ -208,52 +228,20 @@ def _module(model: Transformer, name: str) -> tuple[nn.Module, str]:
 
 
 def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
-               max_tokens: int | None = None) -> OffloadHandle:
+               max_tokens: int | None = None, timed: bool = False) -> OffloadHandle:
     """Place `model`'s tensors as `plan` says and install its KV caches. The model must hold
-    its weights on the host (as loaded); resident ones are moved to the accelerator."""
+    its weights on the host (as loaded); resident ones are moved to the accelerator.
+    `timed`: split KV caches time their parts (on CUDA that waits for timing events inside
+    every step, so only per-layer profiling asks for it)."""
     _check_model(model, plan)
     devices = devices or Devices.detect()
     placement = plan.placement
     stats = LinearStats()
     dtype = next(p.dtype for n, p in model.named_parameters() if "norm" in n)
     engine = PrefetchEngine(devices)
-    resident_bytes = 0
-    stage_of = {t.name: (t.layer if t.layer is not None else plan.model.layers) for t in plan.model.tensors()}
-
-    # ---- weights -----------------------------------------------------------------------------
-    for t in plan.model.tensors():
-        device = placement.device(t.name)
-        parent, attr = _module(model, t.name)
-        module = getattr(parent, attr)
-        if t.group == "embed":
-            weight = module.weight.detach()
-            if device == "gpu":
-                module.to(devices.accelerator)
-                resident_bytes += weight.numel() * weight.element_size() if not plan.model.tied_embeddings else 0
-            else:
-                setattr(parent, attr, HostEmbedding(weight, devices))
-            continue
-        if device == "gpu":
-            module.to(devices.accelerator)
-            resident_bytes += _module_bytes(module)
-            continue
-        compensated = isinstance(module, CompensatedLinear)
-        placed = placed_linear(module.quant if compensated else module, t.name, device,
-                               placement.streams_for_prefill(t.name), devices, engine, stats)
-        if device == "stream" or placed.prefill_streamed:
-            phases = PHASES if device == "stream" else ("prefill",)
-            engine.register(t.name, stage_of[t.name], placed.host_tensors, phases)
-        if compensated:
-            module.quant = placed  # its branch is submitted before, and added after, the placed matmul
-        else:
-            setattr(parent, attr, placed)
-    if plan.model.tied_embeddings and placement.device("lm_head") != "gpu" and placement.device("embed_tokens") == "gpu":
-        # The lookup table is the lm_head weight, which lives on the host: look up there.
-        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight.detach(), devices)
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.data = param.data.to(devices.accelerator)
-            resident_bytes += param.numel() * param.element_size()
+    uplink = Uplink(devices)
+    pool = HostPool(_streamed_host_tensors(model, plan), devices)
+    resident_bytes = _place_weights(model, plan, devices, engine, stats, uplink, pool)
     engine.allocate()
     engine.stage_names = {i: f"layer {i}" for i in range(plan.model.layers)}
     engine.stage_names[plan.model.layers] = "head"
@@ -266,7 +254,8 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
         host_tokens = split_tokens(c, max_tokens)
         if host_tokens:
             cache = HybridKVCache(plan.workload.batch, max_tokens, attn.kv_heads, attn.head_dim, dtype,
-                                  devices.accelerator, host_tokens=host_tokens, host_device=devices.host)
+                                  devices.accelerator, host_tokens=host_tokens, host_device=devices.host,
+                                  timed=timed)
         else:
             cache = KVCache(plan.workload.batch, max_tokens, attn.kv_heads, attn.head_dim, dtype,
                             devices.accelerator)
@@ -276,10 +265,65 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
     # ---- prefetch hooks: entering stage s waits for its weights and prefetches stage s+1 ----
     hooks = [layer.register_forward_pre_hook(_stage_hook(engine, i)) for i, layer in enumerate(model.model.layers)]
     hooks.append(model.model.norm.register_forward_pre_hook(_stage_hook(engine, plan.model.layers)))
-    return OffloadHandle(model, plan, devices, engine, caches, stats, resident_bytes, hooks)
+    return OffloadHandle(model, plan, devices, engine, caches, stats, resident_bytes, pool, uplink, hooks)
 
 
 def _stage_hook(engine: PrefetchEngine, stage: int):
     def hook(module, args):
         engine.enter(stage)
     return hook
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    """The matrix a placement moves: a compensated matrix's quantized backbone, else itself."""
+    return module.quant if isinstance(module, CompensatedLinear) else module
+
+
+def _streamed_host_tensors(model: Transformer, plan: Plan) -> list[Tensor]:
+    """The host tensors of every matrix that streams in some phase: what the pool holds."""
+    placement = plan.placement
+    return [tensor for t in plan.model.tensors() if t.group != "embed"
+            and (placement.device(t.name) == "stream" or placement.streams_for_prefill(t.name))
+            for tensor in host_tensors(_base_linear(getattr(*_module(model, t.name))))]
+
+
+def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: PrefetchEngine,
+                   stats: LinearStats, uplink: Uplink, pool: HostPool) -> int:
+    """Swap in placed modules and register streamed weights; returns the resident bytes.
+    Matrices are carved into the pool one at a time and their modules dropped, so the host
+    never holds a second copy of all streamed weights."""
+    placement, resident_bytes = plan.placement, 0
+    stage_of = {t.name: (t.layer if t.layer is not None else plan.model.layers) for t in plan.model.tensors()}
+    for t in plan.model.tensors():
+        device = placement.device(t.name)
+        parent, attr = _module(model, t.name)
+        module = getattr(parent, attr)
+        if t.group == "embed":
+            weight = module.weight.detach()
+            if device == "gpu":
+                module.to(devices.accelerator)
+                resident_bytes += weight.numel() * weight.element_size() if not plan.model.tied_embeddings else 0
+            else:
+                setattr(parent, attr, HostEmbedding(weight, devices, uplink))
+            continue
+        if device == "gpu":
+            module.to(devices.accelerator)
+            resident_bytes += _module_bytes(module)
+            continue
+        placed = placed_linear(_base_linear(module), t.name, device, placement.streams_for_prefill(t.name),
+                               devices, engine, stats, uplink, pool)
+        if device == "stream" or placed.prefill_streamed:
+            phases = PHASES if device == "stream" else ("prefill",)
+            engine.register(t.name, stage_of[t.name], placed.host_tensors, phases)
+        if isinstance(module, CompensatedLinear):
+            module.quant = placed  # its branch is submitted before, and added after, the placed matmul
+        else:
+            setattr(parent, attr, placed)
+    if plan.model.tied_embeddings and placement.device("lm_head") != "gpu" and placement.device("embed_tokens") == "gpu":
+        # The lookup table is the lm_head weight, which lives on the host: look up there.
+        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight.detach(), devices, uplink)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.data = param.data.to(devices.accelerator)
+            resident_bytes += param.numel() * param.element_size()
+    return resident_bytes

@@ -21,6 +21,7 @@ from planner.cost.evaluate import evaluate
 from planner.cost.roofline import h2d_s
 from planner.model.spec import Workload
 
+from .devmem import check_memory, peak_bytes, planned_peak_bytes, reset_peak
 from .model import Transformer
 from .offload import OffloadHandle, apply_plan
 from .streams import Devices
@@ -57,7 +58,7 @@ class Measured:
     ttft_s: float
     decode_step_s: float
     decode_tokens_per_s: float
-    accelerator_peak_bytes: int  # CUDA: max allocated; loopback: offplan's accounted tensors
+    accelerator_peak_bytes: int  # CUDA: peak reserved + held outside the allocator; loopback: accounted tensors
     accelerator_peak_is_accounted: bool
     host_peak_rss_bytes: int
     streamed_bytes_per_step: float
@@ -70,6 +71,7 @@ class Measured:
     events: tuple = ()  # planner.simulate.trace.Event tuples when tracing
     acceptance: float | None = None  # speculative decoding: measured per-token acceptance
     tokens_per_step: float | None = None  # measured E
+    host_page_locked_bytes: int = 0  # streamed-weight pool + activation staging (page-locked on CUDA)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ class RunReport:
         rows = [("time to first token", p.ttft_s, m.ttft_s, "s"),
                 ("decode step", p.decode_step_s, m.decode_step_s, "s"),
                 ("decode tokens/s", p.decode_tokens_per_s, m.decode_tokens_per_s, "tok/s"),
-                ("accelerator memory", float(_planned_vram(p)), float(m.accelerator_peak_bytes), "bytes")]
+                ("accelerator memory", float(planned_peak_bytes(p.vram, not m.accelerator_peak_is_accounted)),
+                 float(m.accelerator_peak_bytes), "bytes")]
         streamed_bytes, copy_s = _planned_streaming(self.plan)
         if streamed_bytes > 0 and m.acceptance is None:
             rows.append(("weights streamed per step", float(streamed_bytes), m.streamed_bytes_per_step, "bytes"))
@@ -164,6 +167,7 @@ def run_plan(plan: Plan, options: RunOptions, progress: Progress = lambda _: Non
     if workload != plan.workload:
         plan = replace(plan, workload=workload)
     predicted = summarize(plan.evaluate())
+    check_memory(predicted.vram, predicted.host, devices)  # before any weight is loaded
     if options.threads:
         torch.set_num_threads(options.threads)
     model = build_model(plan, options, progress)
@@ -173,7 +177,7 @@ def run_plan(plan: Plan, options: RunOptions, progress: Progress = lambda _: Non
         from .compensate_model import compensate_model
         progress("quantizing weights and building compensation branches")
         compensation = compensate_model(model, plan)
-    handle = apply_plan(model, plan, devices, max_tokens=workload.context + extra)
+    handle = apply_plan(model, plan, devices, max_tokens=workload.context + extra, timed=options.profile_layers)
     if compensation is not None:
         handle.on_close.append(compensation.close)
     try:
@@ -213,6 +217,7 @@ def _measure_speculative(handle: OffloadHandle, draft: Transformer, wl: Workload
     progress("warming up")
     speculative_generate(model, draft, prompt, min(wl.gen, gamma + 2), gamma, target_begin=handle.begin)
     handle.engine.reset_counters()
+    reset_peak(devices)
     marks: dict[str, float] = {}
 
     def begin(phase: str) -> None:
@@ -230,8 +235,7 @@ def _measure_speculative(handle: OffloadHandle, draft: Transformer, wl: Workload
     first_decode = marks.get("decode", end)
     decode_s = end - first_decode
     steps = max(out.steps, 1)
-    peak = handle.accelerator_bytes + sum(p.numel() * p.element_size() for p in draft.parameters()) \
-        if not devices.cuda else torch.cuda.max_memory_allocated()
+    peak = peak_bytes(devices, handle.accelerator_bytes + sum(p.numel() * p.element_size() for p in draft.parameters()))
     return Measured(
         ttft_s=first_decode - start, decode_step_s=decode_s / steps,
         decode_tokens_per_s=wl.batch * (wl.gen - 1) / decode_s if decode_s > 0 else 0.0,
@@ -242,7 +246,8 @@ def _measure_speculative(handle: OffloadHandle, draft: Transformer, wl: Workload
         link_gbps=handle.engine.bytes_copied / handle.engine.copy_busy_s / 1e9 if handle.engine.copy_busy_s else 0.0,
         copy_wait_s_per_step=handle.engine.wait_s / steps, cpu_linear_s_per_step=0.0,
         tokens=tuple(tuple(int(t) for t in row) for row in out.tokens.tolist()),
-        acceptance=out.acceptance_rate, tokens_per_step=out.tokens_per_step)
+        acceptance=out.acceptance_rate, tokens_per_step=out.tokens_per_step,
+        host_page_locked_bytes=handle.page_locked_bytes)
 
 
 def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress: Progress) -> Measured:
@@ -258,8 +263,7 @@ def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress:
     handle.reset_caches()
     engine.reset_counters()
     handle.linear_stats.cpu_s = handle.linear_stats.xfer_s = 0.0
-    if devices.cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(devices)
 
     recorder = _start_trace(handle) if options.trace else None
     progress(f"prefill of {wl.batch}x{wl.prompt} tokens, then {wl.gen - 1} decode steps")
@@ -271,7 +275,7 @@ def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress:
     decode_s = sum(step_times)
     copied_bytes, busy_s, wait_s, cpu_s = decode_counters
     accounted = not devices.cuda
-    peak = handle.accelerator_bytes if accounted else torch.cuda.max_memory_allocated()
+    peak = peak_bytes(devices, handle.accelerator_bytes)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Measured(
         ttft_s=ttft_s, decode_step_s=decode_s / steps,
@@ -282,7 +286,7 @@ def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress:
         copy_wait_s_per_step=wait_s / steps, cpu_linear_s_per_step=cpu_s / steps,
         tokens=tuple(tuple(int(t) for t in row) for row in tokens.tolist()),
         stages=timer.summary(handle.plan, steps) if timer else (),
-        events=tuple(recorder.finish()) if recorder else ())
+        events=tuple(recorder.finish()) if recorder else (), host_page_locked_bytes=handle.page_locked_bytes)
 
 
 def _start_trace(handle: OffloadHandle):

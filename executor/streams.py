@@ -1,4 +1,4 @@
-"""Devices, transfers and the double-buffered prefetch engine.
+"""Devices and the double-buffered prefetch engine (host buffers: executor/hostmem.py).
 
 Everything CUDA-specific (pinned memory, a side stream, events) is in the few small
 functions and branches below, each with a CPU twin used by the loopback profile (the CPU
@@ -42,34 +42,6 @@ class Devices:
             return Devices(torch.device("cuda", torch.cuda.current_device()), torch.device("cpu"))
         return Devices(torch.device("cpu"), torch.device("cpu"))
 
-    def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host-memory copy of `tensor` (page-locked on CUDA, so h2d copies can be async)."""
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host, pin_memory=self.cuda)
-        out.copy_(tensor)
-        return out
-
-    def host_resident(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` itself when it already is in host memory fit for async copies (any host
-        tensor on the loopback, a pinned one on CUDA), else a host_copy: no second copy of
-        weights that are already where they must be."""
-        if tensor.device == self.host and (not self.cuda or tensor.is_pinned()):
-            return tensor
-        return self.host_copy(tensor)
-
-
-def to_host(x: torch.Tensor, devices: Devices) -> torch.Tensor:
-    """Device-to-host copy of an activation. CPU twin: a real copy into a fresh buffer, so
-    the loopback run pays for the transfer the plan charges for."""
-    if devices.cuda:
-        return x.to(devices.host)  # synchronous: the host needs the values now
-    return x.clone()
-
-
-def to_accelerator(x: torch.Tensor, devices: Devices) -> torch.Tensor:
-    if devices.cuda:
-        return x.pin_memory().to(devices.accelerator, non_blocking=True)
-    return x.clone()
-
 
 def _pieces(dst: torch.Tensor, src: torch.Tensor):
     """(dst, src) flat views of at most COPY_PIECE_BYTES each (both contiguous, same size)."""
@@ -79,7 +51,7 @@ def _pieces(dst: torch.Tensor, src: torch.Tensor):
         yield flat_dst[start:start + step], flat_src[start:start + step]
 
 
-def _aligned(tensor: torch.Tensor) -> int:
+def aligned_bytes(tensor: torch.Tensor) -> int:
     """Bytes `tensor` takes in a slot: its size rounded up to _ALIGN_BYTES."""
     return -(-tensor.numel() * tensor.element_size() // _ALIGN_BYTES) * _ALIGN_BYTES
 
@@ -223,7 +195,7 @@ class PrefetchEngine:
             self._stage_members[phase].setdefault(stage, []).append(name)
 
     def _stage_bytes(self, names: list[str]) -> int:
-        return sum(_aligned(t) for name in names for t in self._sources[name])
+        return sum(aligned_bytes(t) for name in names for t in self._sources[name])
 
     def allocate(self) -> None:
         largest = max((self._stage_bytes(names) for stages in self._stage_members.values()
@@ -290,7 +262,7 @@ class PrefetchEngine:
                 view = slot[offset:offset + n_bytes].view(src.dtype).view(src.shape)
                 tensors.append(view)
                 jobs.append((view, src))
-                offset += _aligned(src)
+                offset += aligned_bytes(src)
                 n_total += n_bytes
             views[name] = tuple(tensors)
         handle = self._copier.issue(jobs, self.stage_names.get(stage, f"stage {stage}"))

@@ -60,6 +60,13 @@ def run(
     if m.accelerator_peak_is_accounted:
         console.print("accelerator memory on the loopback device counts offplan's own tensors "
                       "(weights, buffers, KV cache)")
+    else:
+        console.print("accelerator memory: peak reserved by PyTorch plus what the card holds outside it "
+                      "(context, other processes), against the plan plus its reserve")
+    if m.host_page_locked_bytes:
+        console.print(f"host memory for the link: {fmt_bytes(m.host_page_locked_bytes)} "
+                      f"({'page-locked' if not m.accelerator_peak_is_accounted else 'page-locked on CUDA'}: "
+                      "streamed weights and activation staging)")
     if m.stages:
         console.print(stage_table(m.stages))
     if trace is not None:
