@@ -1,4 +1,4 @@
-"""GGUF header reader and ModelSpec from a GGUF file (pure Python, no gguf package).
+"""GGUF header reader (pure Python; ModelSpec from the header is in gguf_spec.py).
 
 Layout (little-endian, GGUF v2/v3): magic b'GGUF', version u32, tensor_count u64,
 kv_count u64, kv pairs (key string, value type u32, value), tensor infos (name string,
@@ -20,7 +20,6 @@ from types import MappingProxyType
 from typing import BinaryIO
 
 from planner.errors import SpecError
-from planner.model.spec import MoE, ModelSpec, Quantization, RopeScaling
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -287,128 +286,3 @@ def _check_data_present(path: Path, size_bytes: int, data_offset: int,
     if end_bytes > size_bytes:
         raise SpecError(f"{path}: truncated GGUF file: tensor {name!r} ends at byte {end_bytes} but the "
                         f"file has {size_bytes} bytes; the download is probably incomplete")
-
-
-# ---- ModelSpec from the header ----------------------------------------------------------------
-
-SUPPORTED_ARCHS = ("llama", "qwen2")
-QUANT_BITS = (2, 3, 4, 5, 6, 8)  # the widths Quantization accepts
-GGUF_GROUP_WEIGHTS = 32  # ModelSpec groups: one fp16 scale per 32 weights = 0.5 bits per weight
-_FLOAT_DTYPES = MappingProxyType({"F32": "fp32", "F16": "fp16", "BF16": "bf16"})
-
-
-def spec_from_gguf(path: str | Path) -> ModelSpec:
-    """ModelSpec for a llama / qwen2 (dense or MoE) GGUF file, read from its header only."""
-    return spec_from_header(read_gguf_header(path), Path(path).stem, str(path))
-
-
-def spec_from_header(header: dict, default_name: str, where: str = "GGUF file") -> ModelSpec:
-    """ModelSpec from a `read_gguf_header` result; `where` prefixes error messages."""
-    meta, tensors = header["metadata"], header["tensors"]
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise SpecError(f"{where}: general.architecture {arch!r} is not supported; "
-                        f"offplan reads GGUF files of {', '.join(SUPPORTED_ARCHS)}")
-
-    def number(key: str, required: bool = False, kind: type = int):
-        return _meta_number(meta, f"{arch}.{key}", where, required, kind)
-
-    heads = number("attention.head_count", required=True)
-    intermediate = number("feed_forward_length", required=True)
-    key_dim, value_dim = number("attention.key_length"), number("attention.value_length")
-    if key_dim and value_dim and key_dim != value_dim:
-        raise SpecError(f"{where}: {arch}.attention.key_length {key_dim} differs from value_length "
-                        f"{value_dim}; offplan needs one head size")
-    experts = number("expert_count") or 0
-    moe = None
-    if experts:
-        moe = MoE(experts=experts, active=number("expert_used_count", required=True),
-                  expert_intermediate=number("expert_feed_forward_length") or intermediate)
-    names = {t.name for t in tensors}
-    dtype, quantization, _ = weight_format(tensors, where)
-    fields = dict(
-        name=str(meta.get("general.name") or default_name),
-        family="mixtral" if moe is not None and arch == "llama" else arch,
-        layers=number("block_count", required=True), hidden=number("embedding_length", required=True),
-        intermediate=intermediate, heads=heads, kv_heads=number("attention.head_count_kv") or heads,
-        head_dim=key_dim or 0, vocab=_vocab(meta, tensors, arch, where),
-        tied_embeddings="output.weight" not in names, attention_bias="blk.0.attn_q.bias" in names,
-        dtype=dtype, quantization=quantization, moe=moe)
-    optional = (("max_context", number("context_length")),
-                ("rope_theta", number("rope.freq_base", kind=float)),
-                ("rms_eps", number("attention.layer_norm_rms_epsilon", kind=float)))
-    fields.update((name, value) for name, value in optional if value is not None)
-    factor = number("rope.scaling.factor", kind=float)
-    if meta.get(f"{arch}.rope.scaling.type") == "linear" and factor:
-        fields["rope_scaling"] = RopeScaling(kind="linear", factor=factor)
-    try:
-        return ModelSpec(**fields)
-    except SpecError as exc:
-        raise SpecError(f"{where}: {exc}") from None
-
-
-def _meta_number(meta: dict, key: str, where: str, required: bool, kind: type) -> int | float | None:
-    value = meta.get(key)
-    if value is None:
-        if required:
-            raise SpecError(f"{where}: GGUF metadata key {key!r} is missing; the file does not describe "
-                            "a complete model")
-        return None
-    if isinstance(value, (tuple, SkippedArray)):
-        raise SpecError(f"{where}: GGUF metadata key {key!r} holds {len(value)} per-layer values; "
-                        "offplan needs one value for all layers")
-    wrong_kind = kind is int and isinstance(value, float)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or wrong_kind:
-        raise SpecError(f"{where}: GGUF metadata key {key!r} must be a number, got {value!r}")
-    return kind(value)
-
-
-def _vocab(meta: dict, tensors: tuple[TensorInfo, ...], arch: str, where: str) -> int:
-    vocab = _meta_number(meta, f"{arch}.vocab_size", where, False, int)
-    if vocab:
-        return vocab
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, (tuple, SkippedArray)) and len(tokens):
-        return len(tokens)
-    embed = [t for t in tensors if t.name == "token_embd.weight" and len(t.dims) == 2]
-    if embed:
-        return embed[0].dims[1]  # GGML order: (hidden, vocab)
-    raise SpecError(f"{where}: cannot tell the vocabulary size: no {arch}.vocab_size, "
-                    "tokenizer.ggml.tokens or token_embd.weight")
-
-
-def weight_format(tensors: tuple[TensorInfo, ...],
-                  where: str = "GGUF file") -> tuple[str, Quantization | None, float]:
-    """(dtype, quantization, average bits per weight) of the `blk.*` weight matrices.
-
-    Float files map to their dtype (the one holding most weights). Quantized files map to
-    Quantization(bits, group_size=32, symmetric): ModelSpec stores one fp16 scale per 32 weights
-    (0.5 bit per weight), so `bits` is the allowed width nearest to the file's average bits per
-    weight minus 0.5; Q4_0/Q4_K -> 4, Q5_K -> 5, Q6_K -> 6, Q8_0 -> 8, a Q4_K_M mix -> 4. The
-    byte count is then close to the file's; embeddings, norms and the KV cache use fp16 (GGUF
-    keeps norms in F32 and llama.cpp's KV cache defaults to F16)."""
-    matrices = [t for t in tensors
-                if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.dims) >= 2]
-    if not matrices:
-        raise SpecError(f"{where}: no blk.*.weight matrices among the tensor infos; "
-                        "cannot tell the weight format")
-    weights_by_type: dict[str, int] = {}
-    total_bits = 0.0
-    for t in matrices:
-        ggml = GGML_TYPES.get(t.ggml_type)
-        if ggml is None:
-            raise SpecError(f"{where}: tensor {t.name!r} has ggml type {t.ggml_type}, "
-                            "which offplan does not know")
-        weights_by_type[ggml.name] = weights_by_type.get(ggml.name, 0) + t.n_elements
-        total_bits += t.n_elements * ggml.bits_per_weight
-    bits_per_weight = total_bits / max(sum(weights_by_type.values()), 1)
-    if all(name in _FLOAT_DTYPES for name in weights_by_type):
-        return _FLOAT_DTYPES[max(weights_by_type, key=weights_by_type.get)], None, bits_per_weight
-    return "fp16", quantization_for_bits(bits_per_weight), bits_per_weight
-
-
-def quantization_for_bits(bits_per_weight: float) -> Quantization:
-    """Nearest Quantization (group 32, symmetric) to an average stored bits per weight."""
-    payload_bits = bits_per_weight - 16 / GGUF_GROUP_WEIGHTS
-    bits = min(QUANT_BITS, key=lambda b: (abs(b - payload_bits), -b))
-    return Quantization(bits=bits, group_size=GGUF_GROUP_WEIGHTS, symmetric=True)

@@ -1,4 +1,5 @@
-"""ModelSpec from a Hugging Face `config.json` (Llama, Mistral, Qwen2, Mixtral).
+"""ModelSpec from a Hugging Face `config.json` (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral,
+gpt-oss, DeepSeek-V2/V3, Kimi-K2, GLM-4.5, Gemma 3); family-specific keys in hf_families.py.
 
 Reads both the classic layout (`rope_theta` + `rope_scaling`, `torch_dtype`) and the newer one
 (`rope_parameters` holding `rope_theta` and `rope_type`, `dtype`). Pure Python: no torch.
@@ -12,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import SpecError
-from planner.model.spec import MoE, ModelSpec, Quantization, RopeScaling
+from planner.model.hf_families import FAMILY_OF, RUNNABLE_FAMILIES, check_activation, family_fields, text_config
+from planner.model.spec import ModelSpec, Quantization, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_OF)
 
 # Values the Hugging Face config classes use when a key is absent from config.json.
-_DEFAULT_RMS_EPS = {"llama": 1e-6, "mistral": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5}
-_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "mixtral": 131072}
+_DEFAULT_RMS_EPS = {"llama": 1e-6, "mistral": 1e-6, "qwen2": 1e-6, "mixtral": 1e-5, "qwen3": 1e-6,
+                    "qwen3_moe": 1e-6, "gpt_oss": 1e-5, "deepseek_v2": 1e-6, "deepseek_v3": 1e-6,
+                    "glm4_moe": 1e-5, "gemma3": 1e-6}
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "mixtral": 131072,
+                          "qwen3": 32768, "qwen3_moe": 32768, "gpt_oss": 131072, "deepseek_v2": 2048,
+                          "deepseek_v3": 4096, "glm4_moe": 131072, "gemma3": 131072}
 _DEFAULT_ROPE_THETA = 10000.0
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
@@ -47,18 +53,19 @@ def load_hf_config(path: str | Path, name: str | None = None) -> ModelSpec:
 
 def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
     """Translate a Hugging Face config dict into a ModelSpec named `name`."""
-    family = config.get("model_type")
-    if family not in SUPPORTED_MODEL_TYPES:
-        raise SpecError(f"config.json model_type: {family!r} is not supported; "
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SpecError(f"config.json model_type: {model_type!r} is not supported; "
                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    _check_unsupported_features(config)
+    config = text_config(config)
+    family = FAMILY_OF[model_type]
+    check_activation(config, family)
+    if config.get("mlp_bias"):
+        raise SpecError("config.json mlp_bias: biases on the MLP projections are not supported; "
+                        "expected false")
     heads = _int(config, "num_attention_heads")
-    rope_theta, rope_scaling = _rope(config)
-    moe = None
-    if family == "mixtral":
-        moe = MoE(experts=_int(config, "num_local_experts"), active=_int(config, "num_experts_per_tok"),
-                  expert_intermediate=_int(config, "intermediate_size"))
-    return ModelSpec(
+    rope_theta, rope_scaling = _rope(config, strict=family in RUNNABLE_FAMILIES)
+    fields: dict[str, Any] = dict(
         name=name,
         family=family,
         layers=_int(config, "num_hidden_layers"),
@@ -77,8 +84,9 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         rms_eps=_float(config, "rms_norm_eps", default=_DEFAULT_RMS_EPS[family]),
-        moe=moe,
     )
+    fields.update(family_fields(config, family))
+    return ModelSpec(**fields)
 
 
 # ---- field readers ----------------------------------------------------------------------------
@@ -122,15 +130,6 @@ def _attention_bias(config: dict[str, Any], family: str) -> bool:
     return False
 
 
-def _check_unsupported_features(config: dict[str, Any]) -> None:
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise SpecError(f"config.json hidden_act: {act!r} is not supported; only 'silu' (SwiGLU) is")
-    if config.get("mlp_bias"):
-        raise SpecError("config.json mlp_bias: biases on the MLP projections are not supported; "
-                        "expected false")
-
-
 def _dtype(config: dict[str, Any]) -> str:
     value = config.get("torch_dtype", config.get("dtype"))
     if value is None:
@@ -141,8 +140,11 @@ def _dtype(config: dict[str, Any]) -> str:
     return _DTYPES[value]
 
 
-def _rope(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from `rope_parameters` (newer layout) or `rope_theta` + `rope_scaling`."""
+def _rope(config: dict[str, Any], strict: bool = True) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from `rope_parameters` (newer layout) or `rope_theta` + `rope_scaling`.
+
+    Only the executor uses rotary details: with `strict` false (families that are planned, not
+    run) partial rotary dimensions and other scaling types (YaRN) are accepted and dropped."""
     params = config.get("rope_parameters")
     key = "rope_parameters"
     if params is None:
@@ -153,10 +155,12 @@ def _rope(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     theta = params.get("rope_theta", config.get("rope_theta"))
     theta = _float({"rope_theta": theta}, "rope_theta", default=_DEFAULT_ROPE_THETA)
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    if partial != 1.0 and strict:
         raise SpecError(f"config.json partial_rotary_factor: {partial!r} is not supported; expected 1.0")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
+        return theta, None
+    if kind not in ("llama3", "linear") and not strict:
         return theta, None
     if kind not in ("llama3", "linear"):
         raise SpecError(f"config.json {key}.rope_type: {kind!r} is not supported; "
@@ -188,6 +192,14 @@ def _quantization(config: dict[str, Any]) -> Quantization | None:
         return Quantization(bits=4, group_size=64, symmetric=True)
     if q.get("load_in_8bit"):
         return Quantization(bits=8, group_size=_int(config, "hidden_size"), symmetric=True)
+    method = q.get("quant_method")
+    if method == "mxfp4":  # gpt-oss: the experts only (weight_bits, hf_families.py)
+        return None
+    if method == "fp8":
+        # Block-wise fp8 (DeepSeek-V3): 8-bit weights and one fp32 scale per block; the scale
+        # stream is 32 bits per block, as one fp16 scale per half-block counts it.
+        block = q.get("weight_block_size") or [128, 128]
+        return Quantization(bits=8, group_size=max(int(block[0]) * int(block[1]) // 2, 1), symmetric=True)
     if "bits" not in q:
         method = q.get("quant_method", "unknown")
         raise SpecError(f"config.json quantization_config: quant_method {method!r} has no 'bits'; "

@@ -56,7 +56,7 @@ def resolve_spec(ref: object, base: Path, where: str) -> ModelSpec:
 
 def load_spec_file(path: Path) -> ModelSpec:
     if path.suffix == ".gguf":
-        from planner.model.gguf import spec_from_gguf
+        from planner.model.gguf_spec import spec_from_gguf
         return spec_from_gguf(path)
     from planner.model.hfconfig import load_hf_config
     return load_hf_config(path)

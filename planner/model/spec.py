@@ -7,19 +7,16 @@ Tensor names follow Hugging Face module paths without the `model.` prefix and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator
 
 from planner.errors import SpecError
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-FAMILIES = ("llama", "mistral", "qwen2", "mixtral")
-FFN_KINDS = ("swiglu", "plain")
+FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "gpt_oss",
+            "deepseek_v2", "deepseek_v3", "glm4_moe", "gemma3")
+FFN_KINDS = ("swiglu", "geglu", "plain")
 
-ATTN_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_KINDS_SWIGLU = ("gate_proj", "up_proj", "down_proj")
-MLP_KINDS_PLAIN = ("up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -50,27 +47,68 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class MoE:
+    """Routed experts. `shared_intermediate` is the summed width of the always-active shared
+    expert(s) (0: none); the first `dense_first` layers have a dense MLP of `intermediate`
+    (DeepSeek's first_k_dense_replace); `router_bias` counts a bias (or score-correction) vector
+    of `experts` values beside the router; `expert_bias` counts biases on every expert matrix."""
+
     experts: int
     active: int
     expert_intermediate: int
+    shared_intermediate: int = 0
+    dense_first: int = 0
+    router_bias: bool = False
+    expert_bias: bool = False
+    norm_topk: bool = True  # the k routing weights renormalized to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2). Queries go through a rank
+    `q_lora_rank` bottleneck (0: a plain q_proj); keys and values are rebuilt per head from a
+    `kv_lora_rank` latent, which is what the cache holds, with `qk_rope_head_dim` rotary
+    dimensions shared by all heads."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One weight matrix. `rows` x `cols` = out_features x in_features (torch Linear layout).
+    """One weight matrix, or a layer's bank of routed experts. `rows` x `cols` = out_features x
+    in_features (torch Linear layout); a bank (`experts` > 0) stacks the gate, up and down
+    matrices of one expert as rows = 3 x expert_intermediate, cols = hidden, and `n_bytes`
+    holds all `experts` of them.
 
-    `route_prob` is the fraction of tokens that use it (1 for dense, active/experts for an
-    expert); `flops_per_token` already includes it."""
+    `route_prob` is the fraction of tokens that use one expert (1 for dense, active/experts for
+    an expert); `flops_per_token` already includes it (for a bank: `active` experts' work)."""
 
     name: str
     layer: int | None  # None for embed_tokens / lm_head
-    kind: str  # q_proj, k_proj, ..., embed_tokens, lm_head
-    group: str  # attn | mlp | embed | head
+    kind: str  # q_proj, k_proj, ..., router, experts, embed_tokens, lm_head
+    group: str  # attn | mlp | experts | embed | head
     rows: int
     cols: int
     n_bytes: int
     flops_per_token: float
     route_prob: float = 1.0
+    experts: int = 0  # routed experts in a bank (0: an ordinary matrix)
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols * max(self.experts, 1)
+
+    @property
+    def expert_bytes(self) -> float:
+        """Bytes of one expert of a bank (the whole tensor for an ordinary matrix)."""
+        return self.n_bytes / max(self.experts, 1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +132,14 @@ class ModelSpec:
     rope_scaling: RopeScaling | None = None
     rms_eps: float = 1e-5
     moe: MoE | None = None
+    mla: MLA | None = None
+    qk_norm: bool = False  # RMSNorm over each query and key head (Qwen3, Gemma 3)
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0: none)
+    full_every: int = 0  # with a window: layer i attends fully when (i + 1) % full_every == 0
+    attention_sinks: bool = False  # a learned sink logit per head (gpt-oss)
+    # Stored bits per weight by tensor kind, scales included, where the file says so (GGUF
+    # tensor types, MXFP4 experts); overrides `quantization` and `dtype` for that kind.
+    weight_bits: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_spec(self)
@@ -106,8 +152,31 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token_layer(self) -> int:
-        """K and V of one token in one layer, in bytes."""
+        """Cache bytes of one token in one full-attention layer: K and V of every KV head, or
+        for MLA the compressed latent and the shared rotary key."""
+        if self.mla is not None:
+            return (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim) * self.weight_elt_bytes
         return 2 * self.kv_heads * self.head_dim * self.weight_elt_bytes
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends only to the last `sliding_window` tokens."""
+        if self.sliding_window == 0:
+            return False
+        return self.full_every == 0 or (layer + 1) % self.full_every != 0
+
+    def cached_tokens(self, layer: int, context: int) -> int:
+        """Tokens layer `layer` keeps in its cache after `context` tokens."""
+        return min(context, self.sliding_window) if self.is_sliding(layer) else context
+
+    def kv_cache_bytes(self, context: int, batch: int = 1) -> int:
+        """The whole KV cache after `context` tokens of `batch` sequences, every layer."""
+        tokens = sum(self.cached_tokens(layer, context) for layer in range(self.layers))
+        return batch * tokens * self.kv_bytes_per_token_layer
+
+    def mean_kv_bytes_per_token_layer(self, context: int) -> float:
+        """Cache bytes per token and layer averaged over layers at `context` tokens: sliding
+        layers hold at most their window, so this is below kv_bytes_per_token_layer."""
+        return self.kv_cache_bytes(context) / (self.layers * max(context, 1))
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -115,17 +184,29 @@ class ModelSpec:
 
     @property
     def norm_bytes(self) -> int:
-        """RMSNorm weights (2 per layer + final); always kept with the accelerator."""
-        return (2 * self.layers + 1) * self.hidden * self.weight_elt_bytes
+        """Norm weights and other small per-layer vectors (q/k norms, MLA latent norms,
+        attention sinks) plus the final norm; always kept with the accelerator."""
+        per_layer = (4 if self.family == "gemma3" else 2) * self.hidden
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        if self.mla is not None:
+            per_layer += self.mla.q_lora_rank + self.mla.kv_lora_rank
+        if self.attention_sinks:
+            per_layer += self.heads
+        return (per_layer * self.layers + self.hidden) * self.weight_elt_bytes
 
-    def matrix_bytes(self, rows: int, cols: int, quantizable: bool = True) -> int:
+    def matrix_bytes(self, rows: int, cols: int, quantizable: bool = True, kind: str = "") -> int:
+        bits = self.weight_bits.get(kind)
+        if bits is not None:
+            return int(round(rows * cols * bits / 8))
         if self.quantization is not None and quantizable:
             return self.quantization.bytes_for(rows * cols)
         return rows * cols * self.weight_elt_bytes
 
     @cached_property
     def inventory(self) -> tuple[TensorSpec, ...]:
-        return tuple(self._iter_tensors())
+        from planner.model.inventory import iter_tensors
+        return tuple(iter_tensors(self))
 
     def tensors(self) -> tuple[TensorSpec, ...]:
         """Every weight matrix, in execution order: embed, layers 0..L-1, lm_head."""
@@ -135,8 +216,18 @@ class ModelSpec:
     def by_name(self) -> dict[str, TensorSpec]:
         return {t.name: t for t in self.inventory}
 
+    @cached_property
+    def _by_layer(self) -> dict[int | None, tuple[TensorSpec, ...]]:
+        out: dict[int | None, list[TensorSpec]] = {}
+        for t in self.inventory:
+            out.setdefault(t.layer, []).append(t)
+        return {k: tuple(v) for k, v in out.items()}
+
     def layer_tensors(self, layer: int) -> tuple[TensorSpec, ...]:
-        return tuple(t for t in self.inventory if t.layer == layer)
+        return self._by_layer.get(layer, ())
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.moe.dense_first
 
     @property
     def weight_bytes(self) -> int:
@@ -144,44 +235,18 @@ class ModelSpec:
 
     @property
     def params(self) -> int:
-        return sum(t.rows * t.cols for t in self.inventory)
+        """Weights of the matrices, a tied embedding counted once (norms left out)."""
+        return sum(t.params for t in self.inventory if not (self.tied_embeddings and t.kind == "embed_tokens"))
 
-    def _iter_tensors(self) -> Iterator[TensorSpec]:
-        h, hd = self.hidden, self.head_dim
-        eb = self.weight_elt_bytes
-        embed_bytes = self.vocab * h * eb
-        yield TensorSpec("embed_tokens", None, "embed_tokens", "embed", self.vocab, h,
-                         0 if self.tied_embeddings else embed_bytes, 0.0)
-        attn_shapes = {
-            "q_proj": (self.heads * hd, h), "k_proj": (self.kv_heads * hd, h),
-            "v_proj": (self.kv_heads * hd, h), "o_proj": (h, self.heads * hd),
-        }
-        for layer in range(self.layers):
-            for kind in ATTN_KINDS:
-                rows, cols = attn_shapes[kind]
-                n_bytes = self.matrix_bytes(rows, cols)
-                if self.attention_bias and kind != "o_proj":
-                    n_bytes += rows * eb
-                yield TensorSpec(f"layers.{layer}.self_attn.{kind}", layer, kind, "attn",
-                                 rows, cols, n_bytes, 2.0 * rows * cols)
-            yield from self._mlp_tensors(layer)
-        yield TensorSpec("lm_head", None, "lm_head", "head", self.vocab, h,
-                         self.matrix_bytes(self.vocab, h, quantizable=False), 2.0 * self.vocab * h)
-
-    def _mlp_tensors(self, layer: int) -> Iterator[TensorSpec]:
-        h = self.hidden
-        kinds = MLP_KINDS_SWIGLU if self.ffn == "swiglu" else MLP_KINDS_PLAIN
-        if self.moe is None:
-            experts, inter, prob, prefix = [None], self.intermediate, 1.0, f"layers.{layer}.mlp"
-        else:
-            experts, inter = range(self.moe.experts), self.moe.expert_intermediate
-            prob, prefix = self.moe.active / self.moe.experts, f"layers.{layer}.mlp.experts"
-        for expert in experts:
-            base = prefix if expert is None else f"{prefix}.{expert}"
-            for kind in kinds:
-                rows, cols = (h, inter) if kind == "down_proj" else (inter, h)
-                yield TensorSpec(f"{base}.{kind}", layer, kind, "mlp", rows, cols,
-                                 self.matrix_bytes(rows, cols), 2.0 * rows * cols * prob, prob)
+    @property
+    def active_params(self) -> int:
+        """Weights one token reads: routed banks count only their `active` experts."""
+        total = 0
+        for t in self.inventory:
+            if self.tied_embeddings and t.kind == "embed_tokens":
+                continue
+            total += t.params * t.route_prob if t.experts else t.params
+        return int(total)
 
 
 @dataclass(frozen=True)
@@ -243,3 +308,22 @@ def validate_spec(spec: ModelSpec) -> None:
     m = spec.moe
     if m is not None and not (0 < m.active <= m.experts and m.expert_intermediate > 0):
         raise SpecError("moe: need 0 < active <= experts and expert_intermediate > 0")
+    if m is not None and not (0 <= m.dense_first < spec.layers and m.shared_intermediate >= 0):
+        raise SpecError(f"moe.dense_first: must be below layers ({spec.layers}), got {m.dense_first}; "
+                        "moe.shared_intermediate must not be negative")
+    _validate_attention(spec)
+
+
+def _validate_attention(spec: ModelSpec) -> None:
+    mla = spec.mla
+    if mla is not None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(mla, name) <= 0:
+                raise SpecError(f"mla.{name}: must be a positive whole number, got {getattr(mla, name)!r}")
+        if mla.q_lora_rank < 0:
+            raise SpecError(f"mla.q_lora_rank: must be 0 (no query bottleneck) or positive, got {mla.q_lora_rank}")
+    if spec.sliding_window < 0 or spec.full_every < 0:
+        raise SpecError("sliding_window and full_every: must not be negative")
+    for kind, bits in spec.weight_bits.items():
+        if not 0 < bits <= 64:
+            raise SpecError(f"weight_bits.{kind}: must be between 0 and 64 bits per weight, got {bits!r}")
