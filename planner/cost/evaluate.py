@@ -182,14 +182,34 @@ def find_option(options: list[TensorOption], device: str, streamed: bool, rank: 
                     "(a rank the plan does not offer, or a device this tensor cannot use)")
 
 
+def find_bank_option(options: list[TensorOption], device: str, streamed: bool, gpu_experts: int,
+                     name: str) -> TensorOption:
+    """The option of an expert bank with `gpu_experts` resident (the nearest offered count);
+    the host part's prefill copied up when `streamed`."""
+    if device == "stream":
+        matching = [o for o in options if o.device == "stream"]
+    else:
+        matching = [o for o in options if o.device != "stream"
+                    and (o.prefill_streamed == streamed or o.gpu_experts == max(p.gpu_experts for p in options))]
+    if not matching:
+        raise PlanError(f"placement.{name}: no option for an expert bank on {device}")
+    return min(matching, key=lambda o: (abs(o.gpu_experts - gpu_experts), o.prefill_streamed != streamed))
+
+
 def find_kv_option(options: list[KVOption], host_fraction: float) -> KVOption:
     return min(options, key=lambda o: abs(o.host_fraction - host_fraction))
 
 
 def chosen_options(tables: OptionTables, placement: Placement) -> tuple[dict[str, TensorOption], list[KVOption]]:
     tensor = {}
+    spec = tables.scenario.spec
     for name, options in tables.tensor.items():
         device = placement.device(name)
+        bank = spec.by_name[name]
+        if bank.experts:
+            tensor[name] = find_bank_option(options, device, placement.streams_for_prefill(name),
+                                            placement.experts_on_gpu(bank), name)
+            continue
         tensor[name] = find_option(options, device, placement.streams_for_prefill(name),
                                    placement.rank(name) if device != "cpu" else 0, name)
     kv = [find_kv_option(tables.kv, c) for c in placement.kv_host_fraction]

@@ -50,6 +50,15 @@ class Scenario:
     acceptance: float = 0.0
     rank_choices: tuple[int, ...] = (0,)  # compensation ranks offered per quantized tensor
     rank_recovery: dict[str, dict[int, float]] = field(default_factory=dict)  # tensor kind -> rank -> recovered fraction
+    routing: dict[int, tuple[float, ...]] | None = None  # MoE layer -> routed tokens per expert (planner/cost/moe.py)
+
+    def routing_shares(self, layer: int | None) -> tuple[float, ...] | None:
+        """Each expert's share of layer `layer`'s routed tokens, most used first (None: uniform)."""
+        counts = (self.routing or {}).get(layer) if layer is not None else None
+        if not counts or sum(counts) <= 0:
+            return None
+        total = float(sum(counts))
+        return tuple(sorted((c / total for c in counts), reverse=True))
 
     @property
     def verify_tokens(self) -> int:
@@ -116,6 +125,7 @@ class TensorOption:
     # Compute time the stage before loses while this weight streams in (loopback).
     decode_fetch_slow_s: float = 0.0
     prefill_fetch_slow_s: float = 0.0
+    gpu_experts: int = 0  # an expert bank: how many of its experts are resident
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,9 @@ def compensation_bytes(scn: Scenario, t: TensorSpec, rank: int) -> int:
 
 def tensor_options(scn: Scenario, t: TensorSpec) -> list[TensorOption]:
     """Every way to place tensor `t`, with its decode/prefill cost and memory."""
+    if t.experts:
+        from planner.cost.moe import expert_options
+        return expert_options(scn, t)
     W = t.n_bytes
     dec_rows = scn.decode_rows
     # Prefill: the lm_head only runs on the last position of each sequence.
@@ -275,7 +288,7 @@ def attention_decode_parts(scn: Scenario, host_fraction: float) -> AttentionPart
     device_tokens = (start + end) / 2.0 - host_tokens
     rows = scn.decode_rows
     flops_per_key = 4.0 * spec.heads * spec.head_dim * rows
-    kv_per_key = wl.batch * spec.kv_bytes_per_token_layer
+    kv_per_key = wl.batch * spec.mean_kv_bytes_per_token_layer(wl.context)
     device_s = 0.0
     if device_tokens > 0 or host_tokens == 0:
         device_s = acc_op_s(scn.profile, scn.compute_dtype, flops_per_key * device_tokens, kv_per_key * device_tokens)
@@ -306,7 +319,7 @@ def attention_prefill(scn: Scenario, host_fraction: float) -> PathCost:
     spec, wl = scn.spec, scn.workload
     p = wl.prompt
     flops = attention_prefill_flops(spec.heads, spec.head_dim, wl.batch, p)
-    kv_bytes = wl.batch * p * spec.kv_bytes_per_token_layer
+    kv_bytes = wl.batch * p * spec.mean_kv_bytes_per_token_layer(wl.context)
     qo_bytes = 2 * wl.batch * p * spec.heads * spec.head_dim * scn.act_bytes
     a = scn.profile.accelerator
     if a.attention_tflops > 0:  # measured on the executor's causal attention
@@ -316,15 +329,18 @@ def attention_prefill(scn: Scenario, host_fraction: float) -> PathCost:
         cost = PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, flops, kv_bytes + qo_bytes))
     host_tokens = min(host_fraction * wl.context, p)
     if host_tokens > 0:
-        cost += PathCost(xfer_s=d2h_s(scn.profile, wl.batch * host_tokens * spec.kv_bytes_per_token_layer))
+        host_kv_bytes = wl.batch * host_tokens * spec.mean_kv_bytes_per_token_layer(wl.context)
+        cost += PathCost(xfer_s=d2h_s(scn.profile, host_kv_bytes))
     return cost
 
 
 def kv_options(scn: Scenario) -> list[KVOption]:
     """One option per host-fraction level; identical for every layer of a model."""
     wl = scn.workload
-    full_kv_bytes = wl.batch * wl.context * scn.spec.kv_bytes_per_token_layer
-    kv_per_key = wl.batch * scn.spec.kv_bytes_per_token_layer
+    # Per layer on average: sliding-window layers hold at most their window.
+    kv_token_bytes = scn.spec.mean_kv_bytes_per_token_layer(wl.context)
+    full_kv_bytes = int(round(wl.batch * wl.context * kv_token_bytes))
+    kv_per_key = wl.batch * kv_token_bytes
     mean_keys = wl.prompt + wl.gen / 2.0  # the cache depth averaged over decode
     options = []
     for c in KV_LEVELS:

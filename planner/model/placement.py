@@ -23,12 +23,20 @@ class Placement:
     kv_host_fraction: tuple[float, ...]  # per layer, fraction of the KV cache in host memory
     prefill_streamed: tuple[str, ...] = ()  # cpu tensors copied to the accelerator for prefill
     ranks: dict[str, int] = field(default_factory=dict)  # compensated tensor -> rank (absent = 0)
+    # expert bank -> experts resident on the accelerator (absent: all on gpu, none otherwise)
+    gpu_experts: dict[str, int] = field(default_factory=dict)
 
     def device(self, name: str) -> str:
         return self.devices[name]
 
     def rank(self, name: str) -> int:
         return self.ranks.get(name, 0)
+
+    def experts_on_gpu(self, t) -> int:
+        """How many experts of bank `t` (a TensorSpec) are resident on the accelerator."""
+        if t.name in self.gpu_experts:
+            return self.gpu_experts[t.name]
+        return t.experts if self.devices[t.name] in ("gpu", "stream") else 0
 
     def streams_for_prefill(self, name: str) -> bool:
         return name in self.prefill_streamed
@@ -65,6 +73,14 @@ def check_placement(spec: ModelSpec, placement: Placement) -> None:
                         f"{spec.layers} layers")
     if any(not 0.0 <= c <= 1.0 for c in placement.kv_host_fraction):
         raise PlanError("kv_host_fraction: every entry must be between 0 and 1")
+    for name, count in placement.gpu_experts.items():
+        bank = spec.by_name.get(name)
+        if bank is None or not bank.experts or not 0 <= count <= bank.experts:
+            raise PlanError(f"gpu_experts.{name}: not an expert bank of this model, or a count outside "
+                            f"0..{bank.experts if bank is not None else 0}")
+        if count not in (0, bank.experts) and placement.devices[name] != "cpu":
+            raise PlanError(f"gpu_experts.{name}: a split bank ({count} of {bank.experts} resident) must have "
+                            "device cpu for the rest")
     for name, rank in placement.ranks.items():
         if name not in spec.by_name or rank < 0:
             raise PlanError(f"ranks.{name}: not a tensor of this model, or a negative rank")

@@ -206,6 +206,17 @@ def layer_groups(n_layers: int, max_groups: int) -> list[tuple[int, int]]:
     return groups
 
 
+def segment_groups(spec, max_groups: int) -> list[tuple[int, int]]:
+    """layer_groups within each run of identically built layers: a mixture-of-experts model's
+    dense first layers (moe.dense_first) never share a group with its expert layers."""
+    first_moe = spec.moe.dense_first if spec.moe is not None else 0
+    if first_moe == 0:
+        return layer_groups(spec.layers, max_groups)
+    dense = layer_groups(first_moe, max(max_groups // 3, 1))
+    routed = layer_groups(spec.layers - first_moe, max(max_groups - len(dense), 1))
+    return dense + [(first + first_moe, size) for first, size in routed]
+
+
 def _new_var(prob: pulp.LpProblem, name: str, low: float | None = None, cat: str = pulp.LpContinuous):
     """A variable owned by `prob` (PuLP >= 3.3, and the only way from PuLP 4); free-standing
     on older PuLP."""
@@ -220,9 +231,9 @@ def build_problem(tables: OptionTables, options: SolverOptions, margin_bytes: tu
     scn = tables.scenario
     spec = scn.spec
     prob = pulp.LpProblem("offplan_placement", pulp.LpMinimize)
-    groups = layer_groups(spec.layers, options.max_groups)
+    groups = segment_groups(spec, options.max_groups)
     head = tables.stages[-1]
-    layer_slots = [t.kind if spec.moe is None else t.name.split(".", 2)[2] for t in spec.layer_tensors(0)]
+    layer_slots = [t.kind for t in spec.layer_tensors(spec.layers - 1)]
 
     # ---- variables ----------------------------------------------------------------------
     # x[g][slot]: one-hot over the options of tensor `slot` of every layer in group g
@@ -364,7 +375,7 @@ def _read_placement(tables: OptionTables, x, z, groups) -> Placement:
         return max(range(len(vars_)), key=lambda i: vars_[i].value() or 0.0)
 
     units = [(first, size) for first, size in groups]
-    devices, streamed, ranks, kv = {}, [], {}, [0.0] * spec.layers
+    devices, streamed, ranks, kv, gpu_experts = {}, [], {}, [0.0] * spec.layers, {}
     for g, slots in enumerate(x):
         if g < len(units):
             first, size = units[g]
@@ -381,7 +392,9 @@ def _read_placement(tables: OptionTables, x, z, groups) -> Placement:
                     streamed.append(t.name)
                 if option.rank:
                     ranks[t.name] = option.rank
-    return Placement(devices, tuple(kv), tuple(streamed), ranks)
+                if t.experts and option.device == "cpu" and option.gpu_experts:
+                    gpu_experts[t.name] = option.gpu_experts
+    return Placement(devices, tuple(kv), tuple(streamed), ranks, gpu_experts)
 
 
 def _infeasible(tables: OptionTables, status: str, options: SolverOptions) -> InfeasiblePlanError:
