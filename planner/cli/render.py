@@ -35,13 +35,16 @@ def layer_signature(plan: Plan, layer: int) -> str:
     tensors = plan.model.layer_tensors(layer)
     attn = [(t.kind, p.device(t.name)) for t in tensors if t.group == "attn"]
     mlp = [(t.kind, p.device(t.name)) for t in tensors if t.group == "mlp"]
-    if plan.model.moe is not None:
-        mlp = [(t.name.split(".", 3)[3], p.device(t.name)) for t in tensors if t.group == "mlp"]
+    banks = [t for t in tensors if t.experts]
     all_devices = {d for _, d in attn + mlp}
-    if len(all_devices) == 1:
+    if len(all_devices) == 1 and not banks:
         text = f"all {all_devices.pop()}"
+    elif banks and not mlp:
+        text = f"attn {_devices_phrase(attn)}"
     else:
         text = f"attn {_devices_phrase(attn)}; mlp {_devices_phrase(mlp)}"
+    for bank in banks:
+        text += "; " + experts_phrase(plan, bank)
     streamed = [t for t in tensors if p.streams_for_prefill(t.name)]
     if streamed:
         text += " (cpu weights streamed for prefill)" if len(streamed) == sum(
@@ -57,6 +60,18 @@ def layer_signature(plan: Plan, layer: int) -> str:
         text += "; compensation " + ", ".join(f"{','.join(kinds)} rank {rank}"
                                                for rank, kinds in sorted(by_rank.items()))
     return text
+
+
+def experts_phrase(plan: Plan, bank) -> str:
+    """'experts 38 of 128 gpu (61% of routed tokens)' for one layer's expert bank."""
+    p = plan.placement
+    if p.device(bank.name) == "stream":
+        return f"experts {bank.experts} streamed"
+    n = p.experts_on_gpu(bank)
+    if n in (0, bank.experts):
+        return f"experts {'gpu' if n else 'cpu'}"
+    share = plan.routed_share(bank, n)
+    return f"experts {n} of {bank.experts} gpu ({share:.0%} of routed tokens)"
 
 
 def placement_ranges(plan: Plan) -> list[tuple[str, str]]:

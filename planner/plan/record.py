@@ -101,12 +101,18 @@ class Plan:
     draft: Draft | None = None
     rank_choices: tuple[int, ...] = (0,)
     rank_recovery: dict[str, dict[int, float]] = field(default_factory=dict)
+    routing: dict[int, tuple[float, ...]] | None = None  # MoE layer -> routed tokens per expert
 
     def scenario(self, profile: HardwareProfile | None = None) -> Scenario:
         d = self.draft
         return Scenario(self.model, profile or self.profile, self.workload,
                         d.spec if d else None, d.gamma if d else 0, d.acceptance if d else 0.0,
-                        self.rank_choices, self.rank_recovery)
+                        self.rank_choices, self.rank_recovery, self.routing)
+
+    def routed_share(self, bank, n: int) -> float:
+        """Share of expert bank `bank`'s routed tokens that its n most used experts take."""
+        from planner.cost.moe import expert_probs, routed_share
+        return routed_share(expert_probs(self.scenario(), bank), n)
 
     def evaluate(self, profile: HardwareProfile | None = None) -> Prediction:
         return evaluate(self.scenario(profile), self.placement)
@@ -136,7 +142,7 @@ def make_plan(scn: Scenario, placement: Placement, strategy: str, prediction: Pr
                             solver, solver_status, solve_time_s, objective_s)
     draft = Draft(draft_name or scn.draft.name, scn.draft, scn.gamma, scn.acceptance) if scn.draft else None
     return Plan(scn.spec, scn.workload, scn.profile, placement, summarize(prediction), provenance, draft,
-                scn.rank_choices, scn.rank_recovery)
+                scn.rank_choices, scn.rank_recovery, scn.routing)
 
 
 def plan_to_yaml(plan: Plan) -> str:
