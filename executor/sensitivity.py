@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from planner.errors import SpecError
 from planner.model.ranks import RankTable, aggregate_kinds, check_ranks, quantized_tensors
 from planner.model.spec import ModelSpec
+from planner.units import fmt_bytes
 
 from .compensation import calibration_second_moment
 from .model import Transformer
@@ -205,3 +206,15 @@ def synthetic_sensitivity(spec: ModelSpec, ranks: tuple[int, ...] | list[int], b
     model = synthetic_model(spec, seed=seed, dtype=dtype)
     calibration = random_prompts(spec.vocab, prompts, min(prompt_tokens, spec.max_context), seed)
     return sensitivity(model, spec, bits, group_size, ranks, calibration, symmetric, progress)
+
+
+def check_host_memory(spec: ModelSpec, what: str, available_bytes: int | None = None) -> None:
+    """Refuse, before allocating, a model whose fp32 weights (what `sensitivity` holds while it
+    measures) exceed the memory this machine has available."""
+    needed = spec.params * 4
+    if available_bytes is None:
+        from .profiler import probe_host
+        available_bytes = probe_host().ram_available_bytes
+    if available_bytes and needed > available_bytes:
+        raise SpecError(f"{what}: {spec.name} needs {fmt_bytes(needed)} of memory for its fp32 weights, "
+                        f"this machine has {fmt_bytes(available_bytes)} available; use a smaller model")

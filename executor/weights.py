@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from planner.errors import PlanError, SpecError
@@ -67,18 +67,11 @@ def load_checkpoint(model_dir: str | Path, dtype: str | None = None,
     target = torch_dtype(spec.dtype)
     tensors: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            for key in handle.keys():
-                if key.endswith(_IGNORED_SUFFIXES) or (spec.tied_embeddings and key == HEAD_KEY):
-                    continue
-                if key not in expected:
-                    raise SpecError(f"{path.name}: unexpected tensor {key!r} for a {spec.family} model "
-                                    "with this config.json; the checkpoint and its config disagree")
-                tensor = handle.get_tensor(key)
-                if tuple(tensor.shape) != expected[key]:
-                    raise SpecError(f"{path.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                    f"config.json implies {expected[key]}")
-                tensors[key] = tensor if tensor.dtype == target else tensor.to(target)
+        try:
+            _read_file(path, spec, expected, target, device, tensors)
+        except SafetensorError as exc:  # corrupt, truncated or absurd header
+            raise SpecError(f"{path}: not a readable safetensors file ({exc}); is the download "
+                            "complete?") from None
     if spec.tied_embeddings and EMBED_KEY in tensors:
         tensors[HEAD_KEY] = tensors[EMBED_KEY]
     missing = [name for name in expected if name not in tensors]
@@ -88,6 +81,23 @@ def load_checkpoint(model_dir: str | Path, dtype: str | None = None,
     model.load_state_dict(tensors, strict=True, assign=True)
     model.tie_weights()
     return spec, model.eval()
+
+
+def _read_file(path: Path, spec: ModelSpec, expected: dict[str, tuple[int, ...]], target: torch.dtype,
+               device: torch.device | str, tensors: dict[str, torch.Tensor]) -> None:
+    """Read one safetensors file into `tensors`, checking every name and shape against `expected`."""
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        for key in handle.keys():
+            if key.endswith(_IGNORED_SUFFIXES) or (spec.tied_embeddings and key == HEAD_KEY):
+                continue
+            if key not in expected:
+                raise SpecError(f"{path.name}: unexpected tensor {key!r} for a {spec.family} model "
+                                "with this config.json; the checkpoint and its config disagree")
+            tensor = handle.get_tensor(key)
+            if tuple(tensor.shape) != expected[key]:
+                raise SpecError(f"{path.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                f"config.json implies {expected[key]}")
+            tensors[key] = tensor if tensor.dtype == target else tensor.to(target)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

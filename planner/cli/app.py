@@ -11,7 +11,8 @@ import typer
 
 from planner.solve.baselines import run_baselines
 from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt, SolverOpt, TimeLimitOpt,
-                         VramOpt, check_out_path, console, load_hardware, load_model, print_json, resolve_workload,
+                         VramOpt, check_out_path, console, load_hardware, load_model, load_plan_file, print_json,
+                         resolve_workload,
                          run_app)
 from planner.cli.help import OffplanGroup, offplan_version
 from planner.cli.run_cmds import acceptance, profile, run, sensitivity
@@ -84,6 +85,9 @@ def solve(
         raise OffplanError("--rank-table: give --quality too (max, or a fraction such as 0.5)")
     options = SolverOptions(time_limit_s=time_limit, solver=solver, quality=quality_value,
                             quality_mode=quality_mode, slack=slack)
+    if accept and (no_draft or not model_file.drafts):
+        raise OffplanError("--acceptance: " + ("--no-draft ignores the drafts" if no_draft else
+                           f"{model} lists no draft models (add `drafts:` to the model file)"))
     search_result = None
     if model_file.drafts and not no_draft:
         from planner.solve.drafts import search, search_plan
@@ -150,12 +154,11 @@ def simulate(
 ) -> None:
     """Replay a plan as events on accelerator, link and CPU: Gantt of one decode step + summary."""
     from planner.cli.render_gantt import gantt, summary_table
-    from planner.plan.record import load_plan
     from planner.simulate.engine import simulate_plan
     from planner.simulate.trace import decode_step_events, whole_workload_events, workload_metadata, write_trace
     from planner.units import parse_bytes
     check_out_path(trace, "--trace", {"PLAN": plan_file, "--hw": hw})
-    plan = load_plan(plan_file)
+    plan = load_plan_file(plan_file)
     profile = load_hardware(hw, vram, ram, host_bw) if hw else None
     if profile is None and (vram or ram or host_bw):
         from planner.hardware.profile import with_overrides
@@ -230,10 +233,9 @@ def export(
     import shlex
     from planner.cli.common import err_console
     from planner.plan.export import hf_device_map, llamacpp_args, plan_json
-    from planner.plan.record import load_plan
     from planner.schema import atomic_write
     check_out_path(out, "--out", {"PLAN": plan_file})
-    plan = load_plan(plan_file)
+    plan = load_plan_file(plan_file)
     if to == "llamacpp":
         args, notes = llamacpp_args(plan)
         text = " ".join(shlex.quote(a) for a in args) + "\n"

@@ -100,6 +100,14 @@ def load_model(source: str) -> ModelFile:
     return load_model_file(source)
 
 
+def load_plan_file(path: Path):
+    """A plan file, re-checked against its profile (a hand edit may overfill a device)."""
+    from planner.plan.record import check_plan_fits, load_plan
+    plan = load_plan(path)
+    check_plan_fits(plan, str(path))
+    return plan
+
+
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from planner.cli.common import GenOpt, PromptOpt, ThreadsOpt, check_out_path, console, err_console, load_model
+from planner.cli.common import (GenOpt, PromptOpt, ThreadsOpt, check_out_path, console, err_console, load_model,
+                                 load_plan_file)
 from planner.errors import OffplanError
 from planner.cli.render import model_line
 from planner.units import fmt_bytes, fmt_seconds
@@ -31,7 +32,6 @@ def run(
                                                                   "Chrome/Perfetto trace.")] = None,
 ) -> None:
     """Execute a plan with PyTorch; compare measured with predicted speed."""
-    from planner.plan.record import load_plan
     from planner.cli.render_run import comparison_table, stage_table
     from planner.schema import atomic_write
     inputs = {"PLAN": plan_file, "--checkpoint": checkpoint, "--draft-checkpoint": draft_checkpoint}
@@ -39,7 +39,7 @@ def run(
     check_out_path(trace, "--trace", {**inputs, "--json": json_file})
     if checkpoint is not None and synthetic:
         raise OffplanError("--checkpoint and --synthetic: give one of them")
-    plan = load_plan(plan_file)
+    plan = load_plan_file(plan_file)
     try:
         from executor.run import RunOptions, run_plan
     except ModuleNotFoundError as exc:
@@ -170,23 +170,25 @@ def sensitivity(
     if not rank_list or rank_list[0] < 0:
         raise OffplanError(f"--ranks {ranks!r}: need at least one rank, none negative")
     try:
-        from executor.sensitivity import random_prompts, sensitivity as measure, synthetic_sensitivity
+        from executor.sensitivity import check_host_memory, random_prompts, sensitivity as measure, synthetic_sensitivity
         from executor.speculative import load_prompts, prompt_tensors
         from executor.weights import load_checkpoint
     except ModuleNotFoundError as exc:
         raise missing_run_extra("sensitivity", exc) from None
+    spec = load_model(source).spec  # the shape only (config.json for a checkpoint): no weight read yet
+    check_host_memory(spec, "sensitivity --synthetic" if synthetic else f"sensitivity {source}")
+    if not synthetic:  # a corrupt checkpoint fails here, before any progress bar is drawn
+        spec, model = load_checkpoint(source, dtype="fp32")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
         task = bar.add_task("quantizing and factorising", total=None)
 
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=name)
         if synthetic:
-            spec = load_model(source).spec
             q = spec.quantization
             table = synthetic_sensitivity(spec, rank_list, bits or (q.bits if q else 4),
                                           group_size or (q.group_size if q else 128), progress=progress)
         else:
-            spec, model = load_checkpoint(source, dtype="fp32")
             prompts = (prompt_tensors(load_prompts(calibration, vocab=spec.vocab)) if calibration
                        else random_prompts(spec.vocab))
             table = measure(model, spec, bits or 4, group_size or 128, rank_list, prompts, progress=progress)

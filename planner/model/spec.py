@@ -274,12 +274,20 @@ class Workload:
         return self.prompt + self.gen / 2.0
 
 
+# No dimension of a real model comes near 2**24 (16.8 M): the largest vocabularies are about
+# 0.26 M tokens and the longest contexts 10 M; the deepest models have under 200 layers.
+# Larger values are typos (`vocab: 1e30`), refused before any table is built.
+MAX_DIMENSION = 2**24
+MAX_LAYERS = 2**12
+
+
 def validate_spec(spec: ModelSpec) -> None:
     """Raise SpecError naming the first inconsistent field of `spec`."""
     for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "max_context"):
         value = getattr(spec, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise SpecError(f"{name}: must be a positive whole number, got {value!r}")
+        _check_dimension(name, value)
     if spec.family not in FAMILIES:
         raise SpecError(f"family: unknown {spec.family!r}; expected one of {', '.join(FAMILIES)}")
     if spec.ffn not in FFN_KINDS:
@@ -311,6 +319,10 @@ def validate_spec(spec: ModelSpec) -> None:
     if m is not None and not (0 <= m.dense_first < spec.layers and m.shared_intermediate >= 0):
         raise SpecError(f"moe.dense_first: must be below layers ({spec.layers}), got {m.dense_first}; "
                         "moe.shared_intermediate must not be negative")
+    if m is not None:
+        for name in ("experts", "expert_intermediate"):
+            _check_dimension(f"moe.{name}", getattr(m, name))
+    _check_dimension("head_dim", spec.head_dim)
     _validate_attention(spec)
 
 
@@ -327,3 +339,9 @@ def _validate_attention(spec: ModelSpec) -> None:
     for kind, bits in spec.weight_bits.items():
         if not 0 < bits <= 64:
             raise SpecError(f"weight_bits.{kind}: must be between 0 and 64 bits per weight, got {bits!r}")
+
+
+def _check_dimension(name: str, value: int) -> None:
+    limit = MAX_LAYERS if name == "layers" else MAX_DIMENSION
+    if value > limit:
+        raise SpecError(f"{name}: {value:.3g} is beyond any real model (at most {limit}); a typo?")

@@ -18,6 +18,7 @@ from planner.model.placement import Placement, check_placement
 from planner.cost.evaluate import Prediction, evaluate
 from planner.schema import atomic_write, check_version, dump_yaml, from_dict, read_yaml, stable_hash, to_dict
 from planner.model.spec import ModelSpec, Workload
+from planner.units import fmt_bytes
 
 PLAN_VERSION = 1
 
@@ -154,6 +155,7 @@ def save_plan(plan: Plan, path: str | Path) -> None:
 
 
 def plan_from_data(data: object, where: str = "plan") -> Plan:
+    _check_kind(data, where)
     body = check_version(data, where, PLAN_VERSION, PlanError)
     plan = from_dict(Plan, body, "", PlanError)
     check_placement(plan.model, plan.placement)
@@ -163,12 +165,37 @@ def plan_from_data(data: object, where: str = "plan") -> Plan:
     return plan
 
 
+def _check_kind(data: object, where: str) -> None:
+    """Say which kind of offplan file was given where a plan was expected."""
+    if not isinstance(data, dict) or "placement" in data:
+        return
+    if "model" in data and "profile" not in data:
+        raise PlanError(f"{where}: this is a model file; give a plan from `offplan solve MODEL --hw HW --out plan.yaml`")
+    if {"accelerator", "link", "host"} <= set(data):
+        raise PlanError(f"{where}: this is a hardware profile; give a plan from `offplan solve MODEL --hw HW "
+                        "--out plan.yaml`")
+
+
 def load_plan(path: str | Path) -> Plan:
     try:
         return plan_from_data(read_yaml(path, PlanError), str(path))
     except PlanError as exc:
         message = str(exc)
         raise PlanError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+def check_plan_fits(plan: Plan, where: str = "plan") -> None:
+    """Re-check a loaded plan against its own profile: a placement edited by hand may put more
+    on a device than the profile offers. Raises PlanError naming the device and the excess."""
+    prediction = plan.evaluate()
+    devices = ((f"the accelerator ({plan.profile.accelerator.name})", prediction.vram),
+               ("the host", prediction.host))
+    for device, use in devices:
+        if use.used_bytes > use.capacity_bytes:
+            raise PlanError(f"{where}: the placement needs {fmt_bytes(use.used_bytes)} of memory on {device}, "
+                            f"{fmt_bytes(use.used_bytes - use.capacity_bytes)} more than the "
+                            f"{fmt_bytes(use.capacity_bytes)} the profile offers; solve again instead of "
+                            "editing a plan by hand")
 
 
 def with_profile(plan: Plan, profile: HardwareProfile) -> Plan:

@@ -218,3 +218,46 @@ def test_a_solver_stop_without_a_plan_is_not_called_a_misfit(run_here):
     line = one_line_error(run_here("solve", TINY, "--hw", "rtx4090", "--time-limit", "0"),
                           "stopped without a plan", "0 s", "--time-limit")
     assert "fits" not in line and "--ram" not in line
+
+
+def test_acceptance_needs_drafts(run_here):
+    one_line_error(run_here("solve", TINY, "--hw", "rtx4090", "--acceptance", "llama-3.2-1b=0.7"),
+                   "--acceptance", "tiny.yaml", "no draft")
+    one_line_error(run_here("solve", ROOT / "examples" / "llama-3.1-70b-draft.yaml", "--hw", "rtx4090",
+                            "--no-draft", "--acceptance", "llama-3.2-1b=0.7"), "--acceptance", "--no-draft")
+
+
+@pytest.mark.parametrize("command", [("simulate",), ("export", "--to", "json"), ("run", "--synthetic")])
+def test_a_plan_edited_to_overfill_the_device_is_refused_on_load(run_here, plan_dir, tmp_path, command):
+    import yaml
+    data = yaml.safe_load((plan_dir / "plan.yaml").read_text())
+    accelerator = data["profile"]["accelerator"]
+    used = load_plan_used_vram(plan_dir / "plan.yaml")
+    accelerator["memory_bytes"] = data["profile"]["reserve_bytes"] + used // 2  # half of what the plan puts there
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(data, sort_keys=False))
+    line = one_line_error(run_here(command[0], edited, *command[1:]), "edited.yaml", accelerator["name"],
+                          "more than", "solve again")
+    assert "MiB" in line or "KiB" in line
+
+
+def load_plan_used_vram(path: Path) -> int:
+    from planner.plan.record import load_plan
+    return load_plan(path).evaluate().vram.used_bytes
+
+
+# ---- 6. the right diagnosis (continued) --------------------------------------------------------
+
+@pytest.mark.parametrize("command", [("simulate",), ("export",), ("run", "--synthetic")])
+def test_a_model_file_given_as_a_plan_is_named(run_here, command):
+    one_line_error(run_here(command[0], TINY, *command[1:]), "tiny.yaml", "this is a model file", "offplan solve")
+
+
+@pytest.mark.parametrize("field,value", [("vocab", "1e30"), ("layers", "100000000"), ("hidden", "1e12")])
+def test_an_absurd_model_size_names_the_field(run_here, tmp_path, field, value):
+    import re
+    model = tmp_path / "model.yaml"
+    model.write_text(re.sub(rf"(\n\s*{field}:)\s*[^,\n}}]+", rf"\1 {value}", TINY.read_text(), count=1))
+    assert value in model.read_text()
+    line = one_line_error(run_here("solve", model, "--hw", "rtx4090"), "model.yaml", f"{field}:", "beyond")
+    assert "TiB" not in line
