@@ -191,7 +191,7 @@ def compare_hardware(
     time_limit: TimeLimitOpt = 10.0, json_out: JsonOpt = False,
 ) -> None:
     """Solve the best plan on each profile and compare them in one table."""
-    from planner.errors import InfeasiblePlanError
+    from planner.errors import InfeasiblePlanError, SolverStoppedError
     from planner.cli.render_compare import hardware_table
     model_file = load_model(model)
     rows = []
@@ -203,6 +203,8 @@ def compare_hardware(
             with console.status(f"solving for {profile.name}...", spinner="dots") if not json_out else _nullcontext():
                 solution = solve_placement(scn, SolverOptions(time_limit_s=time_limit))
             rows.append((name, profile, solution.prediction, ""))
+        except SolverStoppedError as exc:  # nothing is known about fitting: not a "no" row
+            raise SolverStoppedError(f"--hw {name}: {exc}") from None
         except InfeasiblePlanError as exc:
             rows.append((name, profile, None, str(exc)))
     if json_out:
