@@ -1,10 +1,16 @@
 """`offplan profile` on this machine: a loopback profile (no CUDA here) whose every figure is
-positive and physically sane, that saves and loads back equal, and whose link curves follow
-the cost model's `latency + bytes / curve(size)` convention."""
+positive and physically possible, that saves and loads back equal, and whose link curves follow
+the cost model's `latency + bytes / curve(size)` convention.
+
+No figure is held to a lower bound on speed: a machine busy with other work measures slow, and
+that is a true measurement, not a defect (how fast this machine profiles is what
+benchmarks/probe_timings.py prints)."""
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from dataclasses import replace
 
 import pytest
@@ -30,28 +36,30 @@ def tiny_run() -> tuple[HardwareProfile, list[tuple[str, float]]]:
     return profile, calls
 
 
+def positive(*values: float) -> bool:
+    return all(0 < v < math.inf for v in values)
+
+
 def assert_sane(p: HardwareProfile, threads: int) -> None:
+    """Every figure positive and finite; rates no higher than any CPU reaches (a timer or
+    byte-count error shows as an impossible speed; a busy machine only as a slow one)."""
     a, k, h = p.accelerator, p.link, p.host
     assert a.loopback and a.name.startswith("loopback (CPU: ")
     assert p.is_measured and p.source.date and "loopback" in p.source.notes
-    for name, gbps in (("accelerator", a.mem_bw_gbps), ("host", h.mem_bw_gbps)):
-        assert 1 <= gbps <= 1000, f"{name} memory bandwidth {gbps} GB/s"
-    for gbps in (k.h2d_gbps, k.d2h_gbps):
-        assert 0.5 <= gbps <= 1000
-    for flops in (*a.flops_tflops.values(), *h.flops_tflops.values()):
-        assert 1e9 <= flops * 1e12 <= 1e15
+    for gbps in (a.mem_bw_gbps, h.mem_bw_gbps, k.h2d_gbps, k.d2h_gbps, h.attention_gbps, h.bus_gbps,
+                 a.elementwise_gbps):
+        assert positive(gbps) and gbps <= 1000, f"{gbps} GB/s"
+    for tflops in (*a.flops_tflops.values(), *h.flops_tflops.values(), a.attention_tflops):
+        assert positive(tflops) and tflops <= 1000, f"{tflops} TFLOPS"
     assert set(h.flops_tflops) == {"fp32", "bf16"}
-    assert 0 < k.latency_s < 1e-3
-    assert 0 < a.op_overhead_s < 1e-3 and 0 < h.op_overhead_s < 1e-3
+    assert positive(k.latency_s, a.op_overhead_s, h.op_overhead_s)
     assert 0 < a.gemv_efficiency <= 1 and 0 < h.gemv_efficiency <= 1
     assert a.matmul_efficiency == 1.0 and h.matmul_efficiency == 1.0
-    assert 0.1 <= h.attention_gbps <= 1000
     # what a decode step costs beyond bytes and flops, measured on the executor's own code
     # (the per-layer part is a difference of two timings: noise on a loaded machine can zero it)
-    assert 0 <= a.layer_overhead_s < 0.1 and 0 <= a.head_overhead_s < 0.1 and 0 <= a.split_overhead_s < 0.1
-    assert a.layer_overhead_s + a.head_overhead_s > 0
-    assert 0.1 < a.elementwise_gbps < 1000 and 1e-4 < a.attention_tflops < 1000
-    assert h.bus_gbps >= 1 and h.copy_slowdown_s_per_gb >= 0 and 0 <= h.task_overhead_s < 0.1
+    assert min(a.layer_overhead_s, a.head_overhead_s, a.split_overhead_s, h.task_overhead_s) >= 0
+    assert positive(a.layer_overhead_s + a.head_overhead_s)
+    assert h.copy_slowdown_s_per_gb >= 0
     assert a.gemv_size_factor and all(size > 0 and f > 0 for size, f in a.gemv_size_factor)
     # loopback: the CPU's figures on both sides, and available RAM split between them
     assert (a.mem_bw_gbps, a.flops_tflops) == (h.mem_bw_gbps, h.flops_tflops)
@@ -104,13 +112,43 @@ def test_profile_saves_to_its_default_path_and_loads_back_equal(tiny_run, tmp_pa
     assert loaded == profile and loaded.digest == profile.digest
 
 
-@loopback_only
-def test_quick_profile(tmp_path):
-    profile = profiler.profile_machine(quick=True)
-    assert_sane(profile, threads=torch.get_num_threads())
-    assert max(size for size, _ in profile.link.h2d_curve) == 256 * MIB
-    save_profile(profile, tmp_path / "quick.yaml")
-    assert load_profile(str(tmp_path / "quick.yaml")) == profile
+def test_quick_profile_measures_the_quick_sweep(monkeypatch):
+    """`--quick` runs the QUICK sweep (the same code as the TINY sweep above, on larger sizes);
+    the sweep itself takes a minute, so benchmarks/probe_timings.py runs it, not the tests."""
+    calls = []
+    monkeypatch.setattr(profiler, "measure_profile", lambda settings, threads, progress: calls.append(
+        (settings, threads, progress)) or "profile")
+    assert profiler.profile_machine(quick=True, threads=3, progress=print) == "profile"
+    assert profiler.profile_machine() == "profile"
+    assert calls == [(profiler.QUICK, 3, print), (profiler.FULL, None, None)]
+    quick, full = profiler.QUICK, profiler.FULL
+    assert max(quick.link_sizes_bytes) == 256 * MIB and set(quick.link_sizes_bytes) < set(full.link_sizes_bytes)
+    assert quick.repeats < full.repeats and quick.copy_bytes < full.copy_bytes and quick.bus_runs < full.bus_runs
+
+
+@pytest.mark.parametrize("threads, advice", [(None, "or with --threads 1"), (2, "")])
+def test_busy_machine_warning_suggests_threads_only_when_not_given(monkeypatch, threads, advice):
+    monkeypatch.setattr(profiler.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    note = profiler.busy_note(threads)
+    assert note.startswith("machine busy: load average 64.0") and "profile again when it is idle" in note
+    assert ("--threads" in note) == bool(advice)
+    monkeypatch.setattr(profiler.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert profiler.busy_note(threads) == ""
+
+
+def test_profile_command_warns_before_it_measures(monkeypatch, tmp_path, capsys):
+    from planner.cli.run_cmds import profile as profile_command
+    monkeypatch.setattr(profiler.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+
+    def measure(quick, threads, progress):
+        print("MEASURING", file=sys.stderr)
+        return load_profile("tests/assets/loopback-test.yaml")
+    monkeypatch.setattr(profiler, "profile_machine", measure)
+    profile_command(quick=True, threads=2, out=tmp_path / "p.yaml")
+    err = capsys.readouterr().err
+    assert "machine busy" in err and err.index("machine busy") < err.index("MEASURING")
+    assert "--threads 1" not in err
+    assert load_profile(str(tmp_path / "p.yaml")).name == load_profile("tests/assets/loopback-test.yaml").name
 
 
 @pytest.mark.parametrize("edit, field", [
