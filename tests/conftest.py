@@ -34,3 +34,34 @@ def write_tiny_checkpoint(out_dir: Path, spec: ModelSpec | None = None, seed: in
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """Directory of a tiny Llama checkpoint (tiny_spec(), seed 0) in Hugging Face layout."""
     return write_tiny_checkpoint(tmp_path / "tiny-llama")
+
+
+def offplan_in_process(*args: object, cwd: Path | None = None) -> "subprocess.CompletedProcess":
+    """`offplan ARGS` through the script's own entry point, in this process: the same exit code,
+    stdout and stderr as a child process, without starting Python and importing torch again.
+    (What reaches the file descriptors, or a real signal, needs a child process.)"""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from planner.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here, debug = sys.argv, os.getcwd(), os.environ.pop("OFFPLAN_DEBUG", None)
+    code = 0
+    try:
+        sys.argv = ["offplan", *map(str, args)]
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        if debug is not None:
+            os.environ["OFFPLAN_DEBUG"] = debug
+    return subprocess.CompletedProcess(["offplan", *map(str, args)], code, out.getvalue(), err.getvalue())

@@ -160,7 +160,8 @@ def sensitivity(
     ranks: Annotated[str, typer.Option("--ranks", help="Comma-separated ranks to tabulate.")] = "0,8,16,32,64,128",
 ) -> None:
     """Measure, per weight matrix, the quantization error left at each compensation rank."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     from planner.model.ranks import save_rank_table
     check_out_path(out, "--out", {"SOURCE": source, "--calibration": calibration})
     try:
@@ -179,7 +180,8 @@ def sensitivity(
     check_host_memory(spec, "sensitivity --synthetic" if synthetic else f"sensitivity {source}")
     if not synthetic:  # a corrupt checkpoint fails here, before any progress bar is drawn
         spec, model = load_checkpoint(source, dtype="fp32")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("left"), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("quantizing and factorising", total=None)
 
         def progress(done: int, total: int, name: str) -> None:

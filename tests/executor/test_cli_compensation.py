@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import re
 from pathlib import Path
 
-from planner.plan.record import load_plan
+from conftest import offplan_in_process as offplan
 from planner.model.ranks import load_rank_table
+from planner.plan.record import load_plan
 
 ASSETS = Path(__file__).parent.parent / "assets"
 MODEL = """version: 1
@@ -19,16 +19,13 @@ workload: {batch: 1, prompt: 32, gen: 8}
 """
 
 
-def offplan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True)
-
-
 def test_sensitivity_table_feeds_a_quality_constrained_plan(tmp_path):
     model = tmp_path / "model.yaml"
     model.write_text(MODEL)
     ranks = tmp_path / "ranks.yaml"
     result = offplan("sensitivity", str(model), "--synthetic", "--ranks", "0,8,16,32", "--out", str(ranks))
     assert result.returncode == 0, result.stderr
+    assert re.search(r"14/14 +\d+:\d\d:\d\d left \d+:\d\d:\d\d", result.stdout)  # progress with time left
     table = load_rank_table(ranks)
     assert len(table.tensors) == 14  # 7 matrices x 2 layers
     for errors in table.tensors.values():  # error left falls with rank, and rank 0 leaves all of it

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import offplan_in_process as offplan
 from planner.cost.options import Scenario
 from planner.errors import PlanError
 from planner.hardware.profile import load_profile
@@ -142,14 +141,13 @@ def test_run_cli_writes_a_json_report(tmp_path):
     plan_path = tmp_path / "plan.yaml"
     save_plan(plan_for(spec, mixed_placements(spec)["mixed"]), plan_path)
     out = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(plan_path), "--synthetic",
-                             "--profile-layers", "--json", str(out)], capture_output=True, text=True)
+    result = offplan("run", plan_path, "--synthetic", "--profile-layers", "--json", out)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     metrics = {row["metric"]: row for row in report["comparisons"]}
     assert metrics["decode tokens/s"]["measured"] > 0 and metrics["time to first token"]["measured"] > 0
     assert "Measured vs predicted" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "planner.cli", "run", str(plan_path)], capture_output=True, text=True)
+    bad = offplan("run", plan_path)
     assert bad.returncode == 2 and "--synthetic" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -173,14 +171,12 @@ def test_acceptance_cli_measures_an_identical_draft_as_one(tmp_path):
     save_checkpoint(synthetic_model(spec, seed=0), spec, tmp_path / "ckpt")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("1 2 3 4 5 6\n7 8 9 10\n")
-    result = subprocess.run([sys.executable, "-m", "planner.cli", "acceptance", "--target", str(tmp_path / "ckpt"),
-                             "--draft", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--gamma", "3",
-                             "--gen", "9"], capture_output=True, text=True)
+    result = offplan("acceptance", "--target", tmp_path / "ckpt", "--draft", tmp_path / "ckpt", "--prompts", prompts,
+                     "--gamma", "3", "--gen", "9")
     assert result.returncode == 0, result.stderr
     assert "1.000 per token" in result.stdout and "4.00 tokens per verify step" in result.stdout
     prompts.write_text("1 2 x\n")
-    bad = subprocess.run([sys.executable, "-m", "planner.cli", "acceptance", "--target", str(tmp_path / "ckpt"),
-                          "--draft", str(tmp_path / "ckpt"), "--prompts", str(prompts)], capture_output=True, text=True)
+    bad = offplan("acceptance", "--target", tmp_path / "ckpt", "--draft", tmp_path / "ckpt", "--prompts", prompts)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
