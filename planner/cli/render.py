@@ -147,10 +147,21 @@ def _bound_text(shares: dict[str, float]) -> str:
     return ", ".join(top[:2])
 
 
+def fmt_count(n: float) -> str:
+    """7.3M, 30.5B: a parameter count in the unit that keeps it readable."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def model_line(spec: ModelSpec) -> str:
     q = spec.quantization
     weights = f"int{q.bits} g{q.group_size}" if q else spec.dtype
-    return (f"{spec.name}: {spec.params / 1e9:.1f}B parameters, {spec.layers} layers, {weights}, "
+    if spec.weight_bits:  # a GGUF file: each tensor kind has its own type
+        weights = f"{8 * spec.weight_bytes / max(spec.params, 1):.2f} bits per weight"
+    active = f" ({fmt_count(spec.active_params)} active)" if spec.moe is not None else ""
+    return (f"{spec.name}: {fmt_count(spec.params)} parameters{active}, {spec.layers} layers, {weights}, "
             f"{fmt_bytes(spec.weight_bytes)} of weights")
 
 

@@ -6,7 +6,7 @@ executor compares its measurements with, and what brute-force tests enumerate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from planner.cost.options import KVOption, Scenario, TensorOption, head_fixed, kv_options, layer_fixed, tensor_options
@@ -49,7 +49,15 @@ class OptionTables:
 
 def option_tables(scn: Scenario) -> OptionTables:
     spec, stages = scn.spec, stages_of(scn.spec)
-    tensor = {t.name: tensor_options(scn, t) for t in spec.tensors()}
+    # Layers repeat: a tensor's options depend on its shape (and, for an expert bank, its
+    # layer's routing), not its name, so each distinct one is computed once.
+    cache: dict[tuple, list[TensorOption]] = {}
+    tensor = {}
+    for t in spec.tensors():
+        key = (replace(t, name="", layer=None), scn.routing_shares(t.layer) if t.experts else None)
+        if key not in cache:
+            cache[key] = tensor_options(scn, t)
+        tensor[t.name] = cache[key]
     fixed_decode, fixed_prefill = {}, {}
     for st in stages:
         if st.layer is None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from planner.cost.membus import weight_bus
 from planner.cost.roofline import PathCost, acc_op_s, d2h_s, h2d_s, host_op_s, parallel
 from planner.model.spec import TensorSpec
@@ -49,7 +51,9 @@ def routed_share(probs: tuple[float, ...], n: int) -> float:
 
 def _touched(probs: tuple[float, ...], rows: int) -> float:
     """Expected number of these experts that at least one of `rows` tokens uses."""
-    return sum(1.0 - (1.0 - p) ** rows for p in probs)
+    if not probs:
+        return 0.0
+    return float(np.sum(1.0 - (1.0 - np.asarray(probs)) ** rows))
 
 
 def _part(scn, t: TensorSpec, probs: tuple[float, ...], rows: int, on_host: bool) -> tuple[PathCost, float]:

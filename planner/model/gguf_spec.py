@@ -128,12 +128,19 @@ def _moe_fields(arch: str, number, names: set[str], intermediate: int) -> dict:
 def kind_bits(tensors: tuple[TensorInfo, ...], layers: int) -> dict[str, float]:
     """Stored bits per weight (scales included) of each tensor kind, averaged over the layers
     that run (`blk.N` with N < layers; a multi-token-prediction layer is left out). A kind's
-    bytes are then exact in total, even where a quantization mix varies it by layer."""
+    bytes are then exact in total, even where a quantization mix varies it by layer. Biases
+    of weight matrices (kept in F32) are `bias`."""
     bits: dict[str, float] = {}
     weights: dict[str, int] = {}
     for t in tensors:
         match = _TENSOR_NAME.match(t.name)
         ggml = GGML_TYPES.get(t.ggml_type)
+        if t.name.endswith(".bias") and ggml is not None:
+            match = _TENSOR_NAME.match(t.name[: -len("bias")] + "weight")
+            if match is not None and match.group(2) in GGUF_KINDS:
+                bits["bias"] = bits.get("bias", 0.0) + t.n_elements * ggml.bits_per_weight
+                weights["bias"] = weights.get("bias", 0) + t.n_elements
+            continue
         if match is None or ggml is None or match.group(2) not in GGUF_KINDS:
             continue
         if match.group(1) is not None and int(match.group(1)) >= layers:

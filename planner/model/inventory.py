@@ -28,8 +28,14 @@ def _matrix(spec: ModelSpec, name: str, layer: int | None, kind: str, group: str
     from planner.model.spec import TensorSpec
     n_bytes = spec.matrix_bytes(rows, cols, quantizable, kind)
     if bias:
-        n_bytes += rows * spec.weight_elt_bytes
+        n_bytes += bias_bytes(spec, rows)
     return TensorSpec(name, layer, kind, group, rows, cols, n_bytes, 2.0 * rows * cols)
+
+
+def bias_bytes(spec: ModelSpec, n: int) -> int:
+    """`n` bias values: in the model dtype, or as the file stores them (GGUF: F32)."""
+    bits = spec.weight_bits.get("bias")
+    return int(round(n * bits / 8)) if bits is not None else n * spec.weight_elt_bytes
 
 
 def iter_tensors(spec: ModelSpec) -> Iterator[TensorSpec]:
@@ -91,14 +97,14 @@ def _moe_tensors(spec: ModelSpec, layer: int) -> Iterator[TensorSpec]:
     if moe.router_bias:
         # gpt-oss: a router bias in the model dtype; DeepSeek-V3 / GLM-4.5: a routing-score
         # correction kept in fp32 (e_score_correction_bias).
-        bias_elt_bytes = spec.weight_elt_bytes if spec.family == "gpt_oss" else 4
-        router = replace(router, n_bytes=router.n_bytes + moe.experts * bias_elt_bytes)
+        extra = bias_bytes(spec, moe.experts) if spec.family == "gpt_oss" else 4 * moe.experts
+        router = replace(router, n_bytes=router.n_bytes + extra)
     yield router
     per_expert = 2 if spec.ffn == "plain" else 3
     rows = per_expert * moe.expert_intermediate
     n_bytes = spec.matrix_bytes(rows * moe.experts, h, True, "experts")
     if moe.expert_bias:  # gate/up biases (2 x intermediate) and the down bias (hidden) per expert
-        n_bytes += moe.experts * ((per_expert - 1) * moe.expert_intermediate + h) * spec.weight_elt_bytes
+        n_bytes += bias_bytes(spec, moe.experts * ((per_expert - 1) * moe.expert_intermediate + h))
     prob = moe.active / moe.experts
     yield TensorSpec(f"{base}.experts", layer, "experts", "experts", rows, h, n_bytes,
                      2.0 * rows * h * moe.active, prob, moe.experts)
