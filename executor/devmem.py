@@ -76,9 +76,10 @@ def check_memory(vram: MemorySummary, host: MemorySummary, devices: Devices) -> 
     else:
         host_bytes += device_bytes
     if host_bytes > ram.free_bytes:
+        options = "`--ram`" if devices.cuda else "`--vram` and `--ram` adding up to"
         raise PlanError(f"the plan needs {fmt_bytes(host_bytes)} of {'host' if devices.cuda else 'loopback'} "
                         f"memory but {ram.what} has {fmt_bytes(ram.free_bytes)} available of "
-                        f"{fmt_bytes(ram.total_bytes)}: solve again with `--ram` set to what is available")
+                        f"{fmt_bytes(ram.total_bytes)}: solve again with {options} what is available")
 
 
 def _cuda_reset_peak(devices: Devices) -> None:

@@ -82,9 +82,20 @@ class _CudaCopier:
             self.recorder.add_stamped("h2d", f"stream {label}", start, done, label)
         return _CudaCopy(start, done)
 
-    def wait(self, handle: _CudaCopy) -> None:
-        """Later work on the compute stream waits for the copy; the host does not."""
-        torch.cuda.current_stream(self.device).wait_event(handle.done)
+    def wait(self, handle: _CudaCopy) -> torch.cuda.Event:
+        """Later work on the compute stream waits for the copy; the host does not. Returns a
+        timing event marking when the compute stream reached the wait."""
+        compute = torch.cuda.current_stream(self.device)
+        arrived = torch.cuda.Event(enable_timing=True)
+        arrived.record(compute)
+        compute.wait_event(handle.done)
+        return arrived
+
+    @staticmethod
+    def stalled_s(handle: _CudaCopy, arrived: torch.cuda.Event) -> float:
+        """How long compute stood still at the wait: from reaching it to the copy's end."""
+        handle.done.synchronize()
+        return max(arrived.elapsed_time(handle.done) / 1e3, 0.0)
 
     @staticmethod
     def seconds(handle: _CudaCopy) -> float:
@@ -128,8 +139,15 @@ class _ThreadCopier:
         return self.pool.submit(self._run, jobs, label)
 
     @staticmethod
-    def wait(handle: Future) -> None:
+    def wait(handle: Future) -> float:
+        """Blocks until the copy is done (compute runs on this thread); returns the time."""
+        start = time.perf_counter()
         handle.result()
+        return time.perf_counter() - start
+
+    @staticmethod
+    def stalled_s(handle: Future, waited: float) -> float:
+        return waited
 
     @staticmethod
     def seconds(handle: Future) -> float:
@@ -180,7 +198,7 @@ class PrefetchEngine:
         self._used: list[object] = []  # handles of the copies compute used, for their durations
         self._copier = _CudaCopier(devices.accelerator) if devices.cuda else _ThreadCopier()
         self.bytes_copied = 0
-        self.wait_s = 0.0  # host time spent in waits for copies (loopback: compute lost)
+        self._waits: list[tuple[object, object]] = []  # (copy handle, wait record), for wait_s
         self.stage_names: dict[int, str] = {}  # stage index -> "layer 3" / "head", for traces
 
     def set_recorder(self, recorder) -> None:
@@ -230,9 +248,7 @@ class PrefetchEngine:
             if issued is None:  # not prefetched (first pass after a phase change)
                 issued = self._issue(stage)
                 del self._pending[stage]
-            start = time.perf_counter()
-            self._copier.wait(issued.handle)
-            self.wait_s += time.perf_counter() - start
+            self._waits.append((issued.handle, self._copier.wait(issued.handle)))
             self._active_slot = issued.slot
             self._views.update(issued.views)
             self._used.append(issued.handle)
@@ -281,10 +297,17 @@ class PrefetchEngine:
         for those copies, so read it after the measured steps."""
         return sum(self._copier.seconds(handle) for handle in self._used)
 
+    @property
+    def wait_s(self) -> float:
+        """Seconds compute stood still waiting for streamed weights: on CUDA from events (the
+        compute stream reaching a wait, the copy ending), on the loopback the compute thread's
+        clock. Like copy_busy_s, read it after the measured steps."""
+        return sum(self._copier.stalled_s(handle, record) for handle, record in self._waits)
+
     def reset_counters(self) -> None:
         self.bytes_copied = 0
-        self.wait_s = 0.0
         self._used = []
+        self._waits = []
 
     def close(self) -> None:
         for issued in self._pending.values():
