@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import offplan_in_process as offplan
 from planner.model.ranks import load_rank_table
 from planner.plan.record import load_plan
@@ -19,6 +21,7 @@ workload: {batch: 1, prompt: 32, gen: 8}
 """
 
 
+@pytest.mark.slow
 def test_sensitivity_table_feeds_a_quality_constrained_plan(tmp_path):
     model = tmp_path / "model.yaml"
     model.write_text(MODEL)

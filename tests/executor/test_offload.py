@@ -136,6 +136,7 @@ def test_run_from_a_checkpoint_equals_the_synthetic_run(tmp_path):
     assert from_ckpt == synthetic
 
 
+@pytest.mark.slow
 def test_run_cli_writes_a_json_report(tmp_path):
     spec = small_spec()
     plan_path = tmp_path / "plan.yaml"
@@ -166,6 +167,7 @@ def test_speculative_run_with_an_identical_draft_accepts_everything_and_keeps_th
     assert report.repredicted.expected_tokens == 4.0 and report.predicted.expected_tokens < 4.0
 
 
+@pytest.mark.slow
 def test_acceptance_cli_measures_an_identical_draft_as_one(tmp_path):
     spec = small_spec()
     save_checkpoint(synthetic_model(spec, seed=0), spec, tmp_path / "ckpt")

@@ -73,6 +73,7 @@ def assert_sane(p: HardwareProfile, threads: int) -> None:
         assert p.spread[key] > 0
 
 
+@pytest.mark.slow
 @loopback_only
 def test_tiny_profile_is_a_sane_loopback_profile(tiny_run):
     profile, _ = tiny_run
@@ -82,6 +83,7 @@ def test_tiny_profile_is_a_sane_loopback_profile(tiny_run):
     assert "link.h2d_pageable_curve" not in profile.spread  # loopback: a copy of the pinned curve
 
 
+@pytest.mark.slow
 @loopback_only
 def test_progress_reports_no_cuda_then_every_step_in_order(tiny_run):
     _, calls = tiny_run
@@ -100,6 +102,7 @@ def test_threads_are_restored_and_zero_threads_is_refused():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 @loopback_only
 def test_profile_saves_to_its_default_path_and_loads_back_equal(tiny_run, tmp_path, monkeypatch):
     profile, _ = tiny_run
@@ -157,6 +160,7 @@ def test_profile_command_warns_before_it_measures(monkeypatch, tmp_path, capsys)
     (lambda d: d["host"].update(memory_bytes=-1), "host.memory_bytes"),
     (lambda d: d["link"].update(latency_s=-1e-6), "link.latency_s"),
 ])
+@pytest.mark.slow
 def test_a_missing_or_negative_field_is_named(tiny_run, tmp_path, edit, field):
     profile, _ = tiny_run
     save_profile(profile, tmp_path / "good.yaml")
@@ -169,6 +173,7 @@ def test_a_missing_or_negative_field_is_named(tiny_run, tmp_path, edit, field):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_gpu_profile_assembles_from_the_same_sweep():
     """The CUDA code path without CUDA: the 'device' is the CPU (the timing kernels' twins), the
     facts NVML and torch.cuda would give are made up; everything after them runs for real."""
@@ -218,6 +223,7 @@ SYNTH = Settings(link_sizes_bytes=(64 * 1024, MIB, 64 * MIB), warmup=0, repeats=
                  cuda_gemm_shapes=(), gemv_shape=(1024, 1024), gemv_batches=(1, 8), attention_tokens=16)
 
 
+@pytest.mark.slow
 def test_link_curves_reproduce_measured_times_through_the_cost_model(tiny_run):
     latency_s, gbps = 5e-6, 10.0
     timings = {"link.latency": Timing(latency_s, 0.01, 3)}

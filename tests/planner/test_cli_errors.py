@@ -1,6 +1,7 @@
 """Every bad input (DESIGN §7) gives one clear line naming the field, exit code 2, and no
-traceback; good input gives valid JSON and plan files. Runs the real command line in a
-subprocess, as a user would."""
+traceback; good input gives valid JSON and plan files. Runs the command line's own entry point
+in-process (the same exit code and output as a child process, without starting Python each
+time); test_cli_safety.py runs child processes for what only a process shows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import offplan_in_process
+
 from planner.plan.record import load_plan, plan_to_yaml
 from planner.schema import stable_hash
 
@@ -25,10 +28,7 @@ SMALL_HW = ASSETS / "profile_small.yaml"
 
 
 def offplan(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "OFFPLAN_DEBUG"}
-    env["COLUMNS"] = "80"  # a narrow terminal must not wrap the one-line message
-    return subprocess.run([sys.executable, "-m", "planner.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)
+    return offplan_in_process(*args, cwd=cwd)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:

@@ -13,6 +13,7 @@ from planner.plan.record import load_plan
 from planner.simulate.trace import read_trace
 
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
+pytestmark = pytest.mark.slow  # real solves of the 8B example
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_simulate_prints_a_gantt_and_writes_a_trace(tmp_path, plan_8b):
 
 
 def test_compare_solves_each_profile():
-    result = offplan("compare", str(EXAMPLES / "llama-3.1-8b.yaml"), "--hw", "rtx3060", "--hw", "rtx4090", "--json")
+    result = offplan("compare", str(EXAMPLES / "llama-3.1-8b.yaml"), "--hw", "rtx3060", "--hw", "rtx4090", "--json",
+                     "--time-limit", "5")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [r["profile"] for r in rows][0].startswith("NVIDIA GeForce RTX 3060")

@@ -77,7 +77,8 @@ def test_ilp_matches_brute_force_on_random_option_subsets(seed):
     assert evaluate(inst.scenario, solution.placement).total_s == pytest.approx(best.total_s, rel=REL)
 
 
-@pytest.mark.parametrize("seed", [0, 4])
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0])
 def test_ilp_matches_brute_force_with_every_option(seed, monkeypatch):
     """One layer, plain MLP (7 weight tensors with all 4 options, the embedding with 2) and two
     KV levels: 65536 combinations, none left out."""
@@ -223,6 +224,7 @@ def test_more_vram_never_gives_a_slower_plan(seed):
     assert totals[-1] < totals[0]  # the sweep spans a real trade-off
 
 
+@pytest.mark.slow
 def test_more_vram_never_gives_a_slower_plan_for_a_real_model():
     """Llama 3.2 1B (16 layers in 4 groups, which the solver closes in seconds) on the RTX 3060
     profile with 1.5-3.5 GiB of VRAM."""

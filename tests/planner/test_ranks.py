@@ -180,7 +180,7 @@ def _hiding_profile(rng: random.Random):
     return replace(p, host=host, link=replace(p.link, latency_s=p.link.latency_s * rng.uniform(0.01, 0.2)))
 
 
-def _instance(seed: int, budget: int = 12000):
+def _instance(seed: int, budget: int = 4000):
     """A 1-layer quantized model with ranks (0, 4, 8), tight VRAM, and option tables cut down
     so brute force stays small: every layer tensor keeps all ranks on one device."""
     rng = random.Random(seed)
