@@ -14,6 +14,10 @@ Three tables, all at batch 1, prompt 2048, generate 256, per-tensor granularity:
    table 1: what a user gets from `--time-limit`.
 3. A 16-layer model, whose layers fit in 16 groups and so get one group each (the exact
    model): per-layer binaries are symmetric and branch-and-bound struggles to close its gap.
+4. Mixture-of-experts models (Qwen3-30B-A3B, Qwen3-235B-A22B, gpt-oss-120b, GLM-4.5-Air,
+   DeepSeek-V3) on rtx3060 and rtx4090 with 64-256 GiB of RAM, at the default solver options:
+   solve time, the time including the option tables, and the resident experts chosen.
+   `--moe-only` prints this table alone.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ CASES = (
     Case("llama-3.1-70b bf16", "llama-3.1-70b", None, 192 * GIB),
     Case("llama-3.1-405b int4", "llama-3.1-405b", INT4, 256 * GIB),
 )
+INT2 = Quantization(bits=2, group_size=32)  # about 2.5 bits per weight, a Q2_K-class file
+MOE_CASES = (
+    Case("qwen3-30b-a3b int4", "qwen3-30b-a3b", Quantization(bits=4, group_size=32), None),
+    Case("qwen3-235b-a22b int4", "qwen3-235b-a22b", Quantization(bits=4, group_size=32), None),
+    Case("gpt-oss-120b mxfp4", "gpt-oss-120b", None, None),
+    Case("glm-4.5-air int4", "glm-4.5-air", Quantization(bits=4, group_size=32), None),
+    Case("deepseek-v3 int2", "deepseek-v3", INT2, None),
+)
+MOE_RAM_GIB = (64, 128, 256)
 SYMMETRY_CASE = Case("llama-3.2-1b bf16", "llama-3.2-1b", None, None, vram_bytes=int(2.5 * GIB))
 
 
@@ -77,7 +90,9 @@ class Row:
 
 
 def scenario(case: Case, hw: str) -> Scenario:
-    spec = replace(preset(case.model), quantization=case.quantization)
+    spec = preset(case.model)
+    if case.quantization is not None:
+        spec = replace(spec, quantization=case.quantization)
     profile = with_overrides(load_profile(hw), case.vram_bytes, case.ram_bytes)
     return Scenario(spec, profile, WORKLOAD)
 
@@ -137,6 +152,32 @@ def print_table(title: str, rows: list[Row | str], columns=COLUMNS) -> None:
             print(f"  infeasible: {r}")
 
 
+def run_moe(case: Case, hw: str, ram_gib: int, options: SolverOptions) -> str:
+    """One line of table 4."""
+    started = time.perf_counter()
+    scn = scenario(replace(case, ram_bytes=ram_gib * GIB), hw)
+    label = f"{case.label:22s} {hw:8s} {ram_gib:4d} GiB"
+    try:
+        solution = solve_placement(scn, options)
+    except InfeasiblePlanError as exc:
+        return f"{label}  {str(exc).split(';')[0]}"
+    total_s = time.perf_counter() - started
+    banks = [t for t in scn.spec.tensors() if t.experts]
+    resident = sum(solution.placement.experts_on_gpu(t) for t in banks)
+    experts = sum(t.experts for t in banks)
+    return (f"{label}  {solution.status.split(' (')[0]:8s} solve {solution.solve_time_s:5.2f} s  "
+            f"with tables {total_s:5.2f} s  {solution.n_variables:4d} vars  "
+            f"decode {solution.prediction.decode_tokens_per_s:7.2f} tok/s  experts on GPU {resident}/{experts}")
+
+
+def print_moe_table(options: SolverOptions) -> None:
+    print("\n4. mixture-of-experts models, default solver options (batch 1, prompt 2048, generate 256)")
+    for case in MOE_CASES:
+        for hw in ("rtx3060", "rtx4090"):
+            for ram_gib in MOE_RAM_GIB:
+                print(run_moe(case, hw, ram_gib, options), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hw", default="rtx4090", help="shipped profile name or YAML file")
@@ -145,7 +186,11 @@ def main() -> None:
     parser.add_argument("--limits", default="1,3,10,30", help="time limits for table 2, seconds")
     parser.add_argument("--threads", type=int, default=0, help="solver threads (0 = solver default)")
     parser.add_argument("--skip-symmetry", action="store_true", help="leave out table 3")
+    parser.add_argument("--moe-only", action="store_true", help="print table 4 (mixture-of-experts) alone")
     args = parser.parse_args()
+    if args.moe_only:
+        print_moe_table(SolverOptions(time_limit_s=args.time_limit, threads=args.threads))
+        return
     groups = [int(g) for g in args.groups.split(",")]
     limits = [float(t) for t in args.limits.split(",")]
     base = SolverOptions(time_limit_s=args.time_limit, threads=args.threads)
@@ -164,6 +209,7 @@ def main() -> None:
     if not args.skip_symmetry:
         rows = [run(SYMMETRY_CASE, "rtx3060", replace(base, max_groups=g, time_limit_s=30.0)) for g in (16, 8, 4)]
         print_table("3. one group per layer (16 layers, 16 groups) vs fewer groups, rtx3060 with 2.5 GiB", rows)
+    print_moe_table(base)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

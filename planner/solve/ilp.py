@@ -213,10 +213,8 @@ def layer_groups(n_layers: int, max_groups: int) -> list[tuple[int, int]]:
 def segment_groups(spec, max_groups: int) -> list[tuple[int, int]]:
     """layer_groups within each run of identically built layers: a mixture-of-experts model's
     dense first layers (moe.dense_first) never share a group with its expert layers."""
-    if spec.moe is None:
-        return layer_groups(spec.layers, max_groups)
-    first_moe = spec.moe.dense_first
-    if first_moe == 0:
+    first_moe = spec.moe.dense_first if spec.moe is not None else 0
+    if first_moe == 0 or spec.layers <= min(max_groups, EXACT_LAYERS):
         return layer_groups(spec.layers, max_groups)
     dense = layer_groups(first_moe, max(max_groups // 3, 1))
     routed = layer_groups(spec.layers - first_moe, max(max_groups - len(dense), 1))
@@ -237,7 +235,9 @@ def build_problem(tables: OptionTables, options: SolverOptions, margin_bytes: tu
     scn = tables.scenario
     spec = scn.spec
     prob = pulp.LpProblem("offplan_placement", pulp.LpMinimize)
-    max_groups = options.max_groups if spec.moe is None else min(options.max_groups, options.moe_max_groups)
+    max_groups = options.max_groups
+    if spec.moe is not None and spec.layers > EXACT_LAYERS:
+        max_groups = min(max_groups, options.moe_max_groups)
     groups = segment_groups(spec, max_groups)
     head = tables.stages[-1]
     layer_slots = [t.kind for t in spec.layer_tensors(spec.layers - 1)]
