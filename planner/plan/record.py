@@ -16,6 +16,7 @@ from planner.errors import PlanError
 from planner.hardware.profile import HardwareProfile
 from planner.model.placement import Placement, check_placement
 from planner.cost.evaluate import Prediction, evaluate
+from planner.cost.llamacpp import LlamaCppSettings
 from planner.schema import atomic_write, check_version, dump_yaml, from_dict, read_yaml, stable_hash, to_dict
 from planner.model.spec import ModelSpec, Workload
 from planner.units import fmt_bytes
@@ -103,6 +104,9 @@ class Plan:
     rank_choices: tuple[int, ...] = (0,)
     rank_recovery: dict[str, dict[int, float]] = field(default_factory=dict)
     routing: dict[int, tuple[float, ...]] | None = None  # MoE layer -> routed tokens per expert
+    runtime: str = "offplan"  # offplan | llamacpp (planner/cost/runtime.py)
+    llamacpp: LlamaCppSettings | None = None  # llama.cpp options the plan was made for
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> GGML type, when known
 
     def scenario(self, profile: HardwareProfile | None = None) -> Scenario:
         d = self.draft
@@ -116,6 +120,9 @@ class Plan:
         return routed_share(expert_probs(self.scenario(), bank), n)
 
     def evaluate(self, profile: HardwareProfile | None = None) -> Prediction:
+        if self.runtime == "llamacpp":
+            from planner.plan.llamacpp_plan import evaluate_llamacpp_plan
+            return evaluate_llamacpp_plan(self, profile)
         return evaluate(self.scenario(profile), self.placement)
 
 
