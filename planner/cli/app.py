@@ -10,11 +10,14 @@ from typing import Annotated, Optional
 import typer
 
 from planner.solve.baselines import run_baselines
-from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt, SolverOpt, TimeLimitOpt,
+from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt,
+                         RuntimeOpt, SolverOpt, TimeLimitOpt,
                          VramOpt, check_out_path, console, load_hardware, load_model, load_plan_file, print_json,
                          resolve_workload,
                          run_app)
 from planner.cli.help import OffplanGroup, offplan_version
+from planner.cli.llamacpp_cmds import QuantOpt, predict, solve_llamacpp_command
+from planner.cost.runtime import runtime_named
 from planner.cli.run_cmds import acceptance, profile, run, sensitivity
 from planner.cost.options import Scenario
 from planner.hardware.profile import load_profile, shipped_profile_names
@@ -50,8 +53,10 @@ def solve(
     vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
     dram: DramOpt = None, cpu_cores: CpuCoresOpt = None,
     prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
+    runtime: RuntimeOpt = "offplan", quant: QuantOpt = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also score what accelerate / llama.cpp / "
-                                                             "stream-all would pick.")] = False,
+                                                             "stream-all would pick (with --runtime llamacpp: "
+                                                             "--fit, largest -ngl, smallest --n-cpu-moe).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the plan as YAML.")] = None,
     json_out: JsonOpt = False,
     time_limit: TimeLimitOpt = 10.0,
@@ -70,6 +75,9 @@ def solve(
     model_file = load_model(model)
     profile = load_hardware(hw, vram, ram, host_bw, dram, cpu_cores)
     workload = resolve_workload(model_file, prompt, gen, batch)
+    if runtime_named(runtime).name == "llamacpp":
+        return solve_llamacpp_command(model, model_file, profile, workload, quant, compare, out, json_out,
+                                      SolverOptions(time_limit_s=time_limit, solver=solver))
     from planner.solve.quality import parse_quality, solve_compensated
     from planner.model.ranks import compensation_settings, load_rank_table
     quality_mode, quality_value = parse_quality(quality)
@@ -219,6 +227,7 @@ def compare_hardware(
         console.print(f"  {name}: {profile.name}", highlight=False)
 
 
+app.command()(predict)
 app.command()(run)
 app.command()(profile)
 app.command()(acceptance)

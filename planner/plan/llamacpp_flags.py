@@ -119,8 +119,8 @@ def parse_llamacpp_flags(text: str, scn: LlamaScenario) -> ParsedFlags:
             notes.append(f"{flag}: ignored ({IGNORED_WHY.get(flag, 'does not change placement or speed here')})")
             i = i + 1 + (value is not None) if IGNORED[flag] else _bool_value(tokens, i)[1]
         else:
-            unknown.append(flag)
-            i += 1
+            unknown.append(flag)  # its value, if any, is not reported as a flag
+            i += 2 if value is not None and not value.startswith("-") else 1
     if unknown:
         raise OffplanError(f"--llamacpp: unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                            "(known: -ngl, -ot, --n-cpu-moe, --cpu-moe, -nkvo, -c, -ub, -b, -fa, -ctk, -ctv, "

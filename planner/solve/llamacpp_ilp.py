@@ -3,7 +3,11 @@ planner/cost/llamacpp.py.
 
 Variables: a binary per GGUF matrix (on the GPU or in host memory) and per layer (KV cache
 and attention on the GPU), the latter non-decreasing over layers because `-ngl N` offloads
-the last N; a continuous variable per consecutive pair of graph steps that is at least
+the last N; likewise each kind of matrix (attn_q, ffn_down_exps ...) is on the GPU for the
+last n_kind layers. Layers of one shape cost the same wherever they sit, so this loses
+nothing on the separable terms, removes the layer symmetry that keeps branch and bound
+from proving optimality, and gives `-ot` patterns over layer ranges (`--n-cpu-moe N` for
+experts). A continuous variable per consecutive pair of graph steps that is at least
 |device(a) - device(b)|, so the objective pays each change of backend. llama.cpp runs
 everything in sequence, so the objective (prefill + decode steps x step time) is a plain
 sum of the items' costs: the model is exact, one set of variables per layer, no grouping.
@@ -13,7 +17,7 @@ Times are in milliseconds and memory in GiB inside the model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pulp
 
@@ -26,6 +30,7 @@ from planner.solve.ilp import SolverOptions, _new_var, pick_solver
 from planner.units import fmt_bytes
 
 MS, GIB = 1e3, float(2**30)
+LLAMACPP_GAP = 1e-3
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,9 @@ def solve_llamacpp(scn: LlamaScenario, options: SolverOptions = SolverOptions())
         pred = evaluate_llamacpp(scn, lp)
         _check_fits(pred)
         return LlamaSolution(lp, pred, "none", "optimal", pred.total_s, 0.0, 0)
-    name, solver = pick_solver(options)
+    # 0.1% of the predicted time is far inside the model's accuracy, and proving 0.01% on a
+    # knapsack of near-identical layers takes branch and bound many seconds.
+    name, solver = pick_solver(replace(options, gap_rel=max(options.gap_rel, LLAMACPP_GAP)))
     margin, elapsed = (0.0, 0.0), 0.0
     for _attempt in range(3):
         prob, w, k = build_llamacpp_problem(scn, margin)
@@ -89,38 +96,83 @@ def build_llamacpp_problem(scn: LlamaScenario, margin_bytes: tuple[float, float]
     k = [_new_var(prob, f"kv_gpu_{i}", cat=pulp.LpBinary) for i in range(spec.layers)]
     for a, b in zip(k, k[1:]):
         prob += a <= b  # -ngl offloads the last layers
+    by_kind: dict[str, list] = {}
+    for t in movable:
+        if t.layer is not None:
+            by_kind.setdefault(t.kind, []).append((t.layer, w[t.name]))
+    for pairs in by_kind.values():  # each kind of matrix on the GPU for the last n layers
+        ordered = [v for _, v in sorted(pairs, key=lambda p: p[0])]
+        for a, b in zip(ordered, ordered[1:]):
+            prob += a <= b
     objective = pulp.lpSum(weights_ms[n]["cpu"] + (weights_ms[n]["gpu"] - weights_ms[n]["cpu"]) * v
                            for n, v in w.items())
     objective += pulp.lpSum(attention_ms[False] + (attention_ms[True] - attention_ms[False]) * v for v in k)
     objective += (scn.fit.token_s * scn.decode_steps) * MS
     one_decode, prefill = switch_costs(scn)
     phases = [(one_decode.total_s * scn.decode_steps * MS, False)] + [(c.total_s * MS, g) for c, g in prefill]
-    n_pairs = 0
     for cost_ms, weights_on_gpu in phases:
-        steps = _step_exprs(scn, w, k, weights_on_gpu)
-        for a, b in zip(steps, steps[1:]):
-            y = _new_var(prob, f"switch_{n_pairs}", low=0)
-            n_pairs += 1
-            prob += y >= a - b
-            prob += y >= b - a
-            objective += cost_ms * y
+        for diff in _switch_terms(scn, w, k, weights_on_gpu):
+            if isinstance(diff, tuple):  # |a - b| of two variable sums: an epigraph variable
+                y = _new_var(prob, f"switch_{len(prob.variables())}", low=0)
+                prob += y >= diff[0] - diff[1]
+                prob += y >= diff[1] - diff[0]
+                objective += cost_ms * y
+            else:
+                objective += cost_ms * diff
     prob += objective, "total_time_ms"
     _memory_rows(prob, scn, w, k, margin_bytes)
     return prob, w, k
 
 
-def _step_exprs(scn: LlamaScenario, w: dict, k: list, weights_on_gpu: bool) -> list:
-    """Every graph step in order, as 1 (GPU) / 0 (host) expressions: embedding lookup (host),
-    each layer's matrices with its attention, the output matrix."""
-    steps: list = [0]
-    for layer in range(scn.spec.layers):
-        for name in layer_sequence(scn, layer):
-            if name == "attention":
-                steps.append(k[layer])
+def _step_expr(scn: LlamaScenario, w: dict, k: list, layer: int, name: str, weights_on_gpu: bool):
+    if name == "attention":
+        return k[layer]
+    return 1 if weights_on_gpu else w[name]
+
+
+def _switch_terms(scn: LlamaScenario, w: dict, k: list, weights_on_gpu: bool) -> list:
+    """The changes of device along the graph, as linear expressions or (a, b) pairs meaning |a - b|.
+
+    Two consecutive steps of the same layer, over a run of layers where both exist, are suffix
+    indicators (GPU for the last n layers), so the changes summed over the run are
+    |sum of a - sum of b|: one term per kind of pair, not one per layer. Between layers (the
+    last step of one and the first of the next) and at the ends, one term per boundary."""
+    n = scn.spec.layers
+    seqs = [layer_sequence(scn, layer) for layer in range(n)]
+    kinds = [[name.split(".")[2] if name != "attention" else name for name in seq] for seq in seqs]
+    runs: dict[tuple[str, str], list[list[int]]] = {}
+    for layer in range(n):
+        for a, b in zip(kinds[layer], kinds[layer][1:]):
+            layers = runs.setdefault((a, b), [])
+            if layers and layers[-1][-1] == layer - 1:
+                layers[-1].append(layer)
             else:
-                steps.append(1 if weights_on_gpu else w[name])
-    steps.append(w["output.weight"])
-    return steps
+                layers.append([layer])
+    terms = []
+    for (a, b), groups in runs.items():
+        for group in groups:
+            xa = [_step_expr(scn, w, k, i, seqs[i][kinds[i].index(a)], weights_on_gpu) for i in group]
+            xb = [_step_expr(scn, w, k, i, seqs[i][kinds[i].index(b)], weights_on_gpu) for i in group]
+            terms.append(_abs_of_sums(xa, xb))
+    first = [_step_expr(scn, w, k, i, seqs[i][0], weights_on_gpu) for i in range(n)]
+    last = [_step_expr(scn, w, k, i, seqs[i][-1], weights_on_gpu) for i in range(n)]
+    boundaries = [(0, first[0])] + list(zip(last, first[1:])) + [(last[-1], w["output.weight"])]
+    terms += [_abs_of_sums([a], [b]) for a, b in boundaries]
+    return terms
+
+
+def _abs_of_sums(xa: list, xb: list):
+    """|sum(xa) - sum(xb)| for two suffix indicators over the same layers. Linear when one side
+    is all constants (every step there on the GPU, or every step on the host); else the pair
+    (a, b), priced through an epigraph variable."""
+    const_a, const_b = all(isinstance(x, int) for x in xa), all(isinstance(x, int) for x in xb)
+    if const_a and const_b:
+        return abs(sum(xa) - sum(xb))
+    if const_a or const_b:
+        constant, variable = (xa, xb) if const_a else (xb, xa)
+        total = pulp.lpSum(variable)
+        return total if sum(constant) == 0 else len(constant) - total  # constants are all 0 or all 1
+    return (pulp.lpSum(xa), pulp.lpSum(xb))
 
 
 def _memory_rows(prob, scn: LlamaScenario, w: dict, k: list, margin_bytes: tuple[float, float]) -> None:
