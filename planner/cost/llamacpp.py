@@ -95,10 +95,15 @@ class LlamaScenario:
         return float(max(self.workload.gen - 1, 0))
 
     @property
+    def kv_type_scale(self) -> float:
+        """Cache bytes relative to the model's own element size (-ctk / -ctv; F16 by default)."""
+        bits = (KV_TYPE_BITS[self.settings.cache_type_k] + KV_TYPE_BITS[self.settings.cache_type_v]) / 2
+        return bits / (8 * self.spec.weight_elt_bytes)
+
+    @property
     def kv_bytes_per_token_layer(self) -> float:
-        s = self.spec
-        per_head = s.kv_heads * s.head_dim
-        return per_head * (KV_TYPE_BITS[self.settings.cache_type_k] + KV_TYPE_BITS[self.settings.cache_type_v]) / 8
+        """Mean cache bytes per token and layer (sliding-window layers hold at most their window)."""
+        return self.spec.mean_kv_bytes_per_token_layer(self.ctx_tokens) * self.kv_type_scale
 
     def micro_batches(self) -> list[tuple[int, int]]:
         """(tokens, cache depth at its start) of each prompt micro-batch (sequences back to back)."""

@@ -8,11 +8,15 @@ from planner.model.placement import Placement
 
 
 def to_placement(scn: LlamaScenario, lp: LlamaPlacement) -> Placement:
-    devices = {}
+    """A ModelSpec tensor is on the GPU when every GGUF tensor standing for it is (an expert
+    bank is three: ffn_up_exps, ffn_gate_exps, ffn_down_exps)."""
+    devices: dict[str, str] = {}
     for t in scn.tensors:
         for member in t.members:
-            devices[member] = "gpu" if t.name in lp.gpu else "cpu"
-    return Placement(devices, tuple(0.0 if on else 1.0 for on in lp.kv_gpu))
+            on = t.name in lp.gpu and devices.get(member, "gpu") == "gpu"
+            devices[member] = "gpu" if on else "cpu"
+    gpu_experts = {t.name: t.experts for t in scn.spec.tensors() if t.experts and devices[t.name] == "gpu"}
+    return Placement(devices, tuple(0.0 if on else 1.0 for on in lp.kv_gpu), gpu_experts=gpu_experts)
 
 
 def from_placement(scn: LlamaScenario, placement: Placement) -> tuple[LlamaPlacement, list[str]]:
@@ -24,7 +28,11 @@ def from_placement(scn: LlamaScenario, placement: Placement) -> tuple[LlamaPlace
         devices = {placement.device(m) for m in t.members}
         if t.kind == "token_embd":
             continue
-        if devices == {"gpu"}:
+        spec_t = scn.spec.by_name[t.members[0]]
+        if spec_t.experts and devices == {"gpu"} and placement.experts_on_gpu(spec_t) < spec_t.experts:
+            notes.append(f"{t.name}: {placement.experts_on_gpu(spec_t)} of {spec_t.experts} experts on the GPU; "
+                         "llama.cpp keeps the tensor whole, so it stays in host memory")
+        elif devices == {"gpu"}:
             gpu.add(t.name)
         elif "gpu" in devices:
             notes.append(f"{t.name}: some of its experts were on the GPU; llama.cpp keeps the tensor whole, "

@@ -22,10 +22,12 @@ BITS_BY_TYPE = {t.name: t.bits_per_weight for t in GGML_TYPES.values()}
 # ModelSpec kind -> GGUF tensor kind (llama.cpp's LLM_TENSOR names)
 _KINDS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
           "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
-          "router": "ffn_gate_inp", "gate": "ffn_gate_inp"}
+          "router": "ffn_gate_inp", "shared_gate_proj": "ffn_gate_shexp", "shared_up_proj": "ffn_up_shexp",
+          "shared_down_proj": "ffn_down_shexp", "q_a_proj": "attn_q_a", "q_b_proj": "attn_q_b",
+          "kv_a_proj_with_mqa": "attn_kv_a_mqa", "kv_b_proj": "attn_kv_b"}
 # Order of a layer's matrices in llama.cpp's graph (build_attn, then build_ffn / build_moe_ffn);
 # "attention" marks where attention over the KV cache runs.
-LAYER_ORDER = ("attn_q", "attn_k", "attn_v", "attention", "attn_output", "ffn_gate_inp",
+LAYER_ORDER = ("attn_q", "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b", "attn_k", "attn_v", "attention", "attn_output", "ffn_gate_inp",
                "ffn_up", "ffn_gate", "ffn_down", "ffn_up_exps", "ffn_gate_exps", "ffn_down_exps",
                "ffn_up_shexp", "ffn_gate_shexp", "ffn_down_shexp")
 # llama.cpp file types (LLAMA_FTYPE_*) -> type of the bulk of the matrices
@@ -55,37 +57,42 @@ def gguf_kind(t: TensorSpec) -> str:
         return "token_embd"
     if t.group == "head":
         return "output"
-    kind = _KINDS.get(t.kind, t.kind)
-    if ".experts." in t.name:
-        return f"{kind}_exps"
-    if "shared_expert" in t.name:
-        return f"{kind}_shexp"
-    return kind
+    return _KINDS.get(t.kind, t.kind)
 
 
 def gguf_name(kind: str, layer: int | None) -> str:
     return f"{kind}.weight" if layer is None else f"blk.{layer}.{kind}.weight"
 
 
+def _split_bank(spec: ModelSpec, t: TensorSpec) -> list[tuple[str, int, int, float]]:
+    """A layer's expert bank as llama.cpp stores it: one tensor per projection holding every
+    expert ((kind, rows, cols, share of the bank))."""
+    inter = spec.moe.expert_intermediate if spec.moe else t.rows // 3
+    if spec.ffn == "plain":
+        return [("ffn_up_exps", inter, t.cols, 0.5), ("ffn_down_exps", t.cols, inter, 0.5)]
+    return [(f"ffn_{k}_exps", *((t.cols, inter) if k == "down" else (inter, t.cols)), 1 / 3)
+            for k in ("up", "gate", "down")]
+
+
 def gguf_tensors(spec: ModelSpec, types: dict[str, str] | None = None) -> tuple[GgufTensor, ...]:
     """The model's GGUF matrices in execution order (token_embd, layers, output)."""
     types = types or {}
-    grouped: dict[str, list[TensorSpec]] = {}
-    for t in spec.tensors():
-        grouped.setdefault(gguf_name(gguf_kind(t), t.layer), []).append(t)
     out = []
-    for name, members in grouped.items():
-        first = members[0]
-        kind = gguf_kind(first)
-        params = sum(m.rows * m.cols for m in members)
-        n_bytes = sum(m.n_bytes for m in members)
-        if name in types:
-            n_bytes = int(params * BITS_BY_TYPE[types[name]] / 8)
-        elif kind == "output" and spec.tied_embeddings and "token_embd.weight" in types:
-            n_bytes = int(params * BITS_BY_TYPE[types["token_embd.weight"]] / 8)
-        flops = sum(m.flops_per_token for m in members)
-        out.append(GgufTensor(name, kind, first.layer, tuple(m.name for m in members), n_bytes, flops,
-                              first.route_prob, first.rows, first.cols))
+    for t in spec.tensors():
+        if t.experts:
+            parts = _split_bank(spec, t)
+        else:
+            parts = [(gguf_kind(t), t.rows, t.cols, 1.0)]
+        for kind, rows, cols, share in parts:
+            name = gguf_name(kind, t.layer)
+            params = rows * cols * max(t.experts, 1)
+            n_bytes = int(t.n_bytes * share)
+            if name in types:
+                n_bytes = int(params * BITS_BY_TYPE[types[name]] / 8)
+            elif kind == "output" and spec.tied_embeddings and "token_embd.weight" in types:
+                n_bytes = int(params * BITS_BY_TYPE[types["token_embd.weight"]] / 8)
+            out.append(GgufTensor(name, kind, t.layer, (t.name,), n_bytes, t.flops_per_token * share,
+                                  t.route_prob, rows, cols))
     return tuple(sorted(out, key=_execution_key))
 
 

@@ -92,7 +92,12 @@ def build_llamacpp_problem(scn: LlamaScenario, margin_bytes: tuple[float, float]
     prob = pulp.LpProblem("offplan_llamacpp", pulp.LpMinimize)
     weights_ms, attention_ms = _item_costs_ms(scn)
     movable = [t for t in scn.tensors if t.kind != "token_embd"]
-    w = {t.name: _new_var(prob, f"gpu_{i}", cat=pulp.LpBinary) for i, t in enumerate(movable)}
+    # GGUF tensors standing for one ModelSpec tensor (an expert bank's up, gate and down) move
+    # together, as --n-cpu-moe moves them, so that a plan records exactly what was priced.
+    by_member = {}
+    for t in movable:
+        by_member.setdefault(t.members, _new_var(prob, f"gpu_{len(by_member)}", cat=pulp.LpBinary))
+    w = {t.name: by_member[t.members] for t in movable}
     k = [_new_var(prob, f"kv_gpu_{i}", cat=pulp.LpBinary) for i in range(spec.layers)]
     for a, b in zip(k, k[1:]):
         prob += a <= b  # -ngl offloads the last layers
@@ -105,7 +110,7 @@ def build_llamacpp_problem(scn: LlamaScenario, margin_bytes: tuple[float, float]
         for a, b in zip(ordered, ordered[1:]):
             prob += a <= b
     objective = pulp.lpSum(weights_ms[n]["cpu"] + (weights_ms[n]["gpu"] - weights_ms[n]["cpu"]) * v
-                           for n, v in w.items())
+                           for n, v in w.items())  # a shared variable adds each tensor's cost
     objective += pulp.lpSum(attention_ms[False] + (attention_ms[True] - attention_ms[False]) * v for v in k)
     objective += (scn.fit.token_s * scn.decode_steps) * MS
     one_decode, prefill = switch_costs(scn)
