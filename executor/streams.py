@@ -93,8 +93,10 @@ class _CudaCopier:
 
     @staticmethod
     def stalled_s(handle: _CudaCopy, arrived: torch.cuda.Event) -> float:
-        """How long compute stood still at the wait: from reaching it to the copy's end."""
+        """How long compute stood still at the wait: from reaching it to the copy's end (0
+        when the copy was done first). elapsed_time needs both events completed."""
         handle.done.synchronize()
+        arrived.synchronize()
         return max(arrived.elapsed_time(handle.done) / 1e3, 0.0)
 
     @staticmethod
