@@ -121,8 +121,17 @@ def error_pct(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured if measured else float("nan")
 
 
+# Families executor/model.py builds; hfconfig's RUNNABLE_FAMILIES is what it will build.
+EXECUTOR_FAMILIES = ("llama", "mistral", "qwen2")
+
+
 def check_runnable(plan: Plan, devices: Devices) -> None:
-    """Refuse a plan made for hardware this machine does not have (DESIGN §7)."""
+    """Refuse a plan this executor cannot run, or made for hardware this machine does not have
+    (DESIGN §7), before anything is loaded."""
+    if plan.model.family not in EXECUTOR_FAMILIES:
+        raise PlanError(f"the executor does not run {plan.model.family} models yet (runs: "
+                        f"{', '.join(EXECUTOR_FAMILIES)}); plan, simulate and export them, or run the "
+                        "exported flags with llama.cpp")
     loopback = plan.profile.accelerator.loopback
     if loopback and devices.cuda:
         raise PlanError(f"the plan was made for the loopback profile {plan.profile.name!r} but this machine has "
