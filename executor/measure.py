@@ -72,12 +72,12 @@ def host_buffer(n_bytes: int, pinned: bool) -> torch.Tensor:
 # ---- kernels -------------------------------------------------------------------------------
 
 def transfer_timing(device: torch.device, size_bytes: int, to_device: bool, pinned: bool,
-                    warmup: int, repeats: int, calls: int = 1) -> Timing:
+                    warmup: int, repeats: int, calls: int = 1, cold_pool_bytes: int = COLD_POOL_BYTES) -> Timing:
     """One copy of `size_bytes` between host memory and `device` (a CPU device: host to host).
 
-    The host side rotates through slices of a pool of at least COLD_POOL_BYTES; the device
+    The host side rotates through slices of a pool of at least `cold_pool_bytes`; the device
     side is one fixed buffer, as the executor's streaming buffers are."""
-    pool_bytes = max(size_bytes, COLD_POOL_BYTES)
+    pool_bytes = max(size_bytes, cold_pool_bytes)
     pool = host_buffer(pool_bytes, pinned)  # [pool_bytes]
     n_slots = min(pool_bytes // size_bytes, MAX_SLOTS)
     stride = pool_bytes // n_slots
@@ -111,15 +111,15 @@ def matmul_timing(device: torch.device, dtype: str, m: int, k: int, n: int,
 
 
 def linear_timing(device: torch.device, dtype: str, out_features: int, in_features: int,
-                  batch: int, warmup: int, repeats: int) -> Timing:
+                  batch: int, warmup: int, repeats: int, cold_pool_bytes: int = COLD_POOL_BYTES) -> Timing:
     """A decode-step linear layer: x [batch, in] times weight [out, in] transposed.
 
-    Each call uses the next of a pool of weights spanning at least COLD_POOL_BYTES, as a
+    Each call uses the next of a pool of weights spanning at least `cold_pool_bytes`, as a
     decode step walks through a model's matrices: every weight comes from memory, never from
     a cache the previous call warmed (one matrix timed alone reads partly from cache)."""
     tdt = DTYPES[dtype]
     weight_bytes = out_features * in_features * tdt.itemsize
-    n_weights = max(2, math.ceil(COLD_POOL_BYTES / weight_bytes))
+    n_weights = max(2, math.ceil(cold_pool_bytes / weight_bytes))
     weights = [torch.randn(out_features, in_features, device=device, dtype=tdt)  # [out, in]
                for _ in range(n_weights)]
     x = torch.randn(batch, in_features, device=device, dtype=tdt)  # [batch, in]
@@ -129,12 +129,12 @@ def linear_timing(device: torch.device, dtype: str, out_features: int, in_featur
 
 
 def quant_linear_timing(device: torch.device, dtype: str, bits: int, out_features: int, in_features: int,
-                        batch: int, warmup: int, repeats: int) -> Timing:
+                        batch: int, warmup: int, repeats: int, cold_pool_bytes: int = COLD_POOL_BYTES) -> Timing:
     """The executor's dequantizing matmul (executor/quant.py, group 128, symmetric) over a
     cold pool of packed weights, activations in `dtype`: what a quantized matmul costs here."""
     tdt = DTYPES[dtype]
     # The pool is sized by the transient dequantized weights: most of the traffic.
-    n_weights = max(2, math.ceil(COLD_POOL_BYTES / (out_features * in_features * tdt.itemsize)))
+    n_weights = max(2, math.ceil(cold_pool_bytes / (out_features * in_features * tdt.itemsize)))
     weights = [quantize(torch.randn(out_features, in_features), bits, QUANT_GROUP).to(device)
                for _ in range(n_weights)]
     x = torch.randn(batch, in_features, device=device, dtype=tdt)  # [batch, in]
@@ -195,6 +195,7 @@ class Settings:
     gemv_size_shapes: tuple[tuple[int, int], ...] = ()
     bus_seconds: float = 0.3  # per run of the streaming-and-matmul probe (executor/contention.py)
     bus_runs: int = 8  # its runs: the slowdown drifts over seconds on shared machines
+    cold_pool_bytes: int = COLD_POOL_BYTES  # smaller only for tests: then caches may serve some reads
 
 
 @dataclass(frozen=True)
@@ -386,13 +387,13 @@ def measure_all(s: Settings, link_device: torch.device, pageable: bool, targets:
 def _link_steps(device: torch.device, s: Settings, pinned_kinds: tuple[bool, ...]) -> list[_Step]:
     steps = [_Step("link.latency", "link latency (tiny copies)",
                    functools.partial(transfer_timing, device, TINY_COPY_BYTES, True, True,
-                                     s.warmup, s.repeats, s.latency_calls))]
+                                     s.warmup, s.repeats, s.latency_calls, s.cold_pool_bytes))]
     for direction in ("h2d", "d2h"):
         for pinned in pinned_kinds:
             kind = "pinned" if pinned else "pageable"
             steps += [_Step(f"link.{direction}.{kind}.{size}", f"link {direction} {kind} {fmt_bytes(size)}",
                             functools.partial(transfer_timing, device, size, direction == "h2d",
-                                              pinned, s.warmup, s.repeats))
+                                              pinned, s.warmup, s.repeats, cold_pool_bytes=s.cold_pool_bytes))
                       for size in s.link_sizes_bytes]
     return steps
 
@@ -407,17 +408,18 @@ def _compute_steps(target: Target, s: Settings) -> list[_Step]:
                         functools.partial(matmul_timing, dev, dt, m, k, n, w, r))
                   for i, (m, k, n) in enumerate(target.gemm_shapes)]
         steps += [_Step(f"{p}.gemv.{dt}.{b}", f"{p} {dt} GEMV batch {b}",
-                        functools.partial(linear_timing, dev, dt, out_f, in_f, b, w, r))
+                        functools.partial(linear_timing, dev, dt, out_f, in_f, b, w, r, s.cold_pool_bytes))
                   for b in s.gemv_batches]
     steps.append(_Step(f"{p}.overhead", f"{p} per-operator overhead",
                        functools.partial(op_overhead_timing, dev, s.overhead_calls, w, r)))
     probe_dtype = target.dtypes[0]
     q_out, q_in = quant_shape(s)
     steps += [_Step(f"{p}.gemv.int{bits}.{b}", f"{p} int{bits} dequantizing GEMV batch {b}",
-                    functools.partial(quant_linear_timing, dev, probe_dtype, bits, q_out, q_in, b, w, r))
+                    functools.partial(quant_linear_timing, dev, probe_dtype, bits, q_out, q_in, b, w, r,
+                                      s.cold_pool_bytes))
               for bits in QUANT_FORMAT for b in s.gemv_batches]
     steps += [_Step(f"{p}.gemv_size.{o}x{i}", f"{p} {probe_dtype} GEMV {o}x{i}",
-                    functools.partial(linear_timing, dev, probe_dtype, o, i, 1, w, r))
+                    functools.partial(linear_timing, dev, probe_dtype, o, i, 1, w, r, s.cold_pool_bytes))
               for o, i in s.gemv_size_shapes]
     steps += [_Step(f"{p}.decoder.{n}", f"{p} decode step overhead ({n} layers)",
                     functools.partial(decode_step_timing, dev, probe_dtype, n, w, r))

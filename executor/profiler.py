@@ -72,9 +72,9 @@ QUICK = Settings(
 TINY = Settings(  # tests: same code paths, seconds instead of minutes; figures are rougher
     link_sizes_bytes=(64 * KIB, 1 * MIB, 64 * MIB),
     warmup=1, repeats=3, latency_calls=50, overhead_calls=50, copy_bytes=64 * MIB,
-    cpu_gemm_shapes=((256, 1024, 1024),), cuda_gemm_shapes=((1024, 2048, 2048),),
-    gemv_shape=(2048, 2048), gemv_batches=(1,), attention_tokens=8192,
-    gemv_size_shapes=((512, 512),), bus_seconds=0.05, bus_runs=1)
+    cpu_gemm_shapes=((64, 1024, 1024),), cuda_gemm_shapes=((1024, 2048, 2048),),
+    gemv_shape=(1024, 1024), gemv_batches=(1,), attention_tokens=8192,
+    gemv_size_shapes=((512, 512),), bus_seconds=0.05, bus_runs=1, cold_pool_bytes=16 * MIB)
 
 
 # ---- public API ----------------------------------------------------------------------------
