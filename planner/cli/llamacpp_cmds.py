@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from planner.cli.render_fit import FitTable
 from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt,
                                 VramOpt, console, err_console, load_hardware, load_model, print_json, resolve_workload)
 from planner.cost.llamacpp import LlamaScenario
@@ -72,11 +73,11 @@ def _over(mem) -> int:
     return mem.used_bytes - mem.capacity_bytes
 
 
-def forecast_table(scn: LlamaScenario, pr, pp_tok_s: float, tg_tok_s: float) -> Table:
+def forecast_table(scn: LlamaScenario, pr, pp_tok_s: float, tg_tok_s: float) -> FitTable:
     wl = scn.workload
     t = Table(title="predicted (llama-bench's meaning)", title_justify="left")
-    t.add_column("test")
-    t.add_column("tok/s", justify="right")
+    t.add_column("test", no_wrap=True)
+    t.add_column("tok/s", justify="right", no_wrap=True)
     t.add_column("bound by")
     t.add_row(f"pp{wl.prompt}" + (f" x{wl.batch}" if wl.batch > 1 else ""), f"{pp_tok_s:,.1f}", pr.bound("prefill"))
     t.add_row(f"tg{wl.gen} (after the prompt)", f"{tg_tok_s:,.2f}", pr.bound("decode"))
@@ -84,20 +85,22 @@ def forecast_table(scn: LlamaScenario, pr, pp_tok_s: float, tg_tok_s: float) -> 
               "fits" if pr.vram.fits else "over")
     t.add_row("host memory", f"{fmt_bytes(pr.host.used_bytes)} of {fmt_bytes(pr.host.capacity_bytes)}",
               "fits" if pr.host.fits else "over")
-    return t
+    return FitTable(t)
 
 
-def baselines_table(rows) -> Table:
+def baselines_table(rows) -> FitTable:
+    """Flags are folded, never shortened: they are meant to be copied."""
     t = Table(title="llama.cpp choices, same cost model", title_justify="left")
-    for name, justify in (("choice", "left"), ("flags", "left"), ("pp tok/s", "right"), ("tg tok/s", "right"),
-                          ("GPU mem", "right")):
-        t.add_column(name, justify=justify)
+    t.add_column("choice", no_wrap=True)
+    t.add_column("flags", overflow="fold")
+    for name in ("pp tok/s", "tg tok/s", "GPU mem"):
+        t.add_column(name, justify="right", no_wrap=True)
     for name, note, pred, pp in rows:
         if pred is None:
             t.add_row(name, note, "-", "-", "-")
         else:
             t.add_row(name, note, f"{pp:,.1f}", f"{pred.decode_tokens_per_s:,.2f}", fmt_bytes(pred.vram.used_bytes))
-    return t
+    return FitTable(t)
 
 
 def solve_llamacpp_command(model: str, model_file: ModelFile, profile, workload, quant: str | None, compare: bool,

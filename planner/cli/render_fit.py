@@ -1,9 +1,10 @@
 """Tables that stay readable in a narrow terminal (80 columns and up).
 
 Rule for every table offplan prints: a key column (no_wrap: names to type back, figures) never
-shrinks below its widest cell; the other columns wrap at word boundaries; when even that is
-wider than the terminal, the table's optional columns are left out, the last-named first, and
-the caption says which (the same data is in `--json`).
+shrinks below its widest cell; the other columns wrap at word boundaries (a column with
+overflow="fold", such as command-line flags, breaks long words instead of shortening them);
+when even that is wider than the terminal, the table's optional columns are left out, the
+last-named first, and the caption says which (the same data is in `--json`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Sequence
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Column, Table
+
+
+FOLD_MIN_WIDTH = 20  # a folding column is given at least this much (its words break, none is lost)
 
 
 class FitTable:
@@ -76,7 +80,8 @@ def _layout(table: Table, console: Console, max_width: int) -> Table | None:
     room = max_width - table._extra_width - sum(padding)
     widths = [_cell_widths(console, c) for c in table.columns]
     fixed = [c.no_wrap or c.width is not None for c in table.columns]
-    need = [w[1] if f else w[0] for w, f in zip(widths, fixed)]
+    need = [w[1] if f else (min(w[0], FOLD_MIN_WIDTH) if c.overflow == "fold" else w[0])
+            for w, f, c in zip(widths, fixed, table.columns)]
     if sum(need) > room:
         return None
     if sum(w[1] for w in widths) <= room:

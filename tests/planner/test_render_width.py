@@ -129,3 +129,14 @@ def test_fit_table_drops_optional_columns_last_named_first():
     assert "not shown at this width: c, b" in " ".join(text.split())
     wide = render(FitTable(table, optional=("a", "b", "c")), width=200)
     assert "z" * 20 in wide and "not shown" not in wide
+
+
+def test_llamacpp_flags_are_folded_not_shortened():
+    from planner.cli.llamacpp_cmds import baselines_table
+    flags = "-ngl 32 -ot '^blk\\.[0-5]\\.(attn_output|ffn_down|ffn_gate|ffn_up)\\.weight$=CPU' -c 2304"
+    pred = SimpleNamespace(decode_tokens_per_s=6.48, vram=SimpleNamespace(used_bytes=11 * 2**30))
+    text = render(baselines_table([("offplan", flags, pred, 965.0), ("largest -ngl", "-ngl 26", pred, 802.2)]))
+    assert "…" not in text
+    column = "".join(line.split("│")[2].strip() for line in text.splitlines() if line.startswith("│"))
+    assert flags.replace(" ", "") in column.replace(" ", "")
+    cells_in_full(text, "largest -ngl", "965.0", "11.0 GiB")
