@@ -16,9 +16,14 @@ def acc_workspace_bytes(scn: Scenario) -> int:
 
 
 def host_staging_bytes(scn: Scenario) -> int:
-    """Pinned buffers for activations crossing the link (one layer's widest in/out, prefill)."""
+    """Host memory for activations crossing the link around a host matmul at its widest, as
+    the executor holds it: the input copied down [rows, in], the output [rows, out] and the
+    page-locked staging buffer it goes up from (as wide as the widest output). Widest: a
+    prefill MLP up-projection, or the lm_head's logits in decode."""
     spec = scn.spec
-    return scn.prefill_rows * (spec.hidden + spec.intermediate) * scn.act_bytes
+    mlp = scn.prefill_rows * (spec.hidden + 2 * spec.intermediate)
+    head = scn.decode_rows * (spec.hidden + 2 * spec.vocab)
+    return max(mlp, head) * scn.act_bytes
 
 
 def _resident_scenario(scn: Scenario) -> Scenario:
