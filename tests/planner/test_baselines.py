@@ -171,6 +171,7 @@ def test_a_baseline_that_cannot_fit_says_why_and_the_ilp_still_plans():
     assert "KV cache" in results["accelerate"].note
     assert results["stream-all"].prediction is not None
     assert results["stream-all"].placement.kv_host_fraction[0] > 0
-    solution = solve_placement(scn, SolverOptions(gap_rel=1e-4, time_limit_s=60.0, max_groups=4))
+    # two layer groups still contain stream-all's uniform placement, and close in a second
+    solution = solve_placement(scn, SolverOptions(gap_rel=1e-4, time_limit_s=60.0, max_groups=2))
     assert sum(solution.placement.kv_host_fraction) > 0
     assert solution.prediction.total_s <= results["stream-all"].prediction.total_s * (1 + 1e-4)
