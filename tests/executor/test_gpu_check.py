@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 ASSETS = ROOT / "tests" / "assets"
 PLANS = ("resident", "stream", "cpu", "kv split", "mixed", "int8 resident", "int8 mixed", "int4 resident",
          "int4 mixed")
 
 
+@pytest.mark.slow
 def test_gpu_check_reduced_mode_runs_every_plan_kind_on_the_loopback_device():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny-only",
                            "--profile", str(ASSETS / "loopback-test.yaml"), "--model", str(ASSETS / "model_small.yaml"),
