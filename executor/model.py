@@ -1,4 +1,5 @@
-"""A plain Llama-family decoder (Llama, Mistral, Qwen2) built from a ModelSpec.
+"""A plain Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; routed experts of Qwen3-MoE and
+Mixtral in executor/moe.py) built from a ModelSpec.
 
 It knows nothing of offload. Module names mirror Hugging Face exactly, so `state_dict()` keys
 equal checkpoint keys and plan tensor names (`layers.3.mlp.down_proj`) map onto modules
@@ -16,8 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.errors import SpecError
+from planner.model.inventory import O_BIAS_FAMILIES
 from planner.model.spec import ModelSpec
 
+from .moe import SparseMoE, block_name
+
+# Families this decoder builds (routed experts: executor/moe.py).
+EXECUTOR_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -141,18 +147,25 @@ class Attention(nn.Module):
         super().__init__()
         h, hd = spec.hidden, spec.head_dim
         self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, hd
-        # Llama puts attention_bias on all four projections, Qwen2 on q/k/v only.
-        o_bias = spec.attention_bias and spec.family == "llama"
+        # Llama and Qwen3 put attention_bias on all four projections, Qwen2 on q/k/v only.
+        o_bias = spec.attention_bias and spec.family in O_BIAS_FAMILIES
         self.q_proj = nn.Linear(h, spec.heads * hd, bias=spec.attention_bias, dtype=dtype)
         self.k_proj = nn.Linear(h, spec.kv_heads * hd, bias=spec.attention_bias, dtype=dtype)
         self.v_proj = nn.Linear(h, spec.kv_heads * hd, bias=spec.attention_bias, dtype=dtype)
         self.o_proj = nn.Linear(spec.heads * hd, h, bias=o_bias, dtype=dtype)
+        if spec.qk_norm:  # Qwen3: RMSNorm over each query and key head before the rotation
+            self.q_norm = RMSNorm(hd, spec.rms_eps, dtype)
+            self.k_norm = RMSNorm(hd, spec.rms_eps, dtype)
+        self.qk_norm = spec.qk_norm
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, t, _ = x.shape  # x [batch, t, hidden]
-        q = self.q_proj(x).view(batch, t, self.heads, self.head_dim).transpose(1, 2)  # [b, heads, t, hd]
-        k = self.k_proj(x).view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, kv, t, hd]
+        q = self.q_proj(x).view(batch, t, self.heads, self.head_dim)  # [b, t, heads, hd]
+        k = self.k_proj(x).view(batch, t, self.kv_heads, self.head_dim)  # [b, t, kv, hd]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, heads, t, hd], [b, kv, t, hd]
         v = self.v_proj(x).view(batch, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [b, kv, t, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is None:
@@ -197,13 +210,15 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype):
         super().__init__()
         self.self_attn = Attention(spec, dtype)
-        self.mlp = MLP(spec, dtype)
+        # The feed-forward block: a dense MLP, or routed experts under the family's name.
+        self.ffn_name = block_name(spec) if spec.moe is not None else "mlp"
+        setattr(self, self.ffn_name, SparseMoE(spec, dtype) if spec.moe is not None else MLP(spec, dtype))
         self.input_layernorm = RMSNorm(spec.hidden, spec.rms_eps, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden, spec.rms_eps, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
 
 
 class DecoderStack(nn.Module):
@@ -240,8 +255,9 @@ class Transformer(nn.Module):
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype | None = None):
         super().__init__()
-        if spec.moe is not None:
-            raise SpecError("executor does not run MoE models yet")
+        if spec.family not in EXECUTOR_FAMILIES or spec.ffn == "geglu":
+            raise SpecError(f"the executor does not build {spec.family} models (it builds "
+                            f"{', '.join(EXECUTOR_FAMILIES)})")
         dtype = dtype or torch_dtype(spec.dtype)
         self.spec = spec
         self.model = DecoderStack(spec, dtype)

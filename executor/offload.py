@@ -32,6 +32,8 @@ from planner.plan.record import Plan
 from .attention import HybridKVCache, split_tokens
 from .compensation import CompensatedLinear
 from .model import KVCache, Transformer
+from .moe import module_path
+from .offload_moe import place_bank
 from .quant import QuantizedTensor, QuantLinear, quant_matmul
 from .hostmem import HostPool, Uplink, on_host, to_host
 from .streams import Devices, PrefetchEngine
@@ -190,7 +192,7 @@ class OffloadHandle:
 
 def _check_model(model: Transformer, plan: Plan) -> None:
     names = {n[len("model."):] if n.startswith("model.") else n for n, _ in model.named_modules()}
-    missing = [t.name for t in plan.model.tensors() if t.name not in names]
+    missing = [t.name for t in plan.model.tensors() if module_path(plan.model, t.name) not in names]
     if missing:
         raise PlanError(f"plan: tensor {missing[0]!r} is not in the model (the plan was made for another model)")
 
@@ -222,7 +224,7 @@ def _module_bytes(module: nn.Module) -> int:
 
 def _module(model: Transformer, name: str) -> tuple[nn.Module, str]:
     """Parent module and attribute name of tensor `name` (plan naming)."""
-    path = name if name == "lm_head" else f"model.{name}"
+    path = name if name == "lm_head" else f"model.{module_path(model.spec, name)}"
     parent_path, _, attr = path.rpartition(".")
     return model.get_submodule(parent_path) if parent_path else model, attr
 
@@ -241,7 +243,8 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
     engine = PrefetchEngine(devices)
     uplink = Uplink(devices)
     pool = HostPool(_streamed_host_tensors(model, plan), devices)
-    resident_bytes = _place_weights(model, plan, devices, engine, stats, uplink, pool)
+    workers: list = []  # the host worker of split expert banks, once one is needed
+    resident_bytes = _place_weights(model, plan, devices, engine, stats, uplink, pool, workers)
     engine.allocate()
     engine.stage_names = {i: f"layer {i}" for i in range(plan.model.layers)}
     engine.stage_names[plan.model.layers] = "head"
@@ -265,7 +268,9 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
     # ---- prefetch hooks: entering stage s waits for its weights and prefetches stage s+1 ----
     hooks = [layer.register_forward_pre_hook(_stage_hook(engine, i)) for i, layer in enumerate(model.model.layers)]
     hooks.append(model.model.norm.register_forward_pre_hook(_stage_hook(engine, plan.model.layers)))
-    return OffloadHandle(model, plan, devices, engine, caches, stats, resident_bytes, pool, uplink, hooks)
+    handle = OffloadHandle(model, plan, devices, engine, caches, stats, resident_bytes, pool, uplink, hooks)
+    handle.on_close.extend(worker.shutdown for worker in workers)
+    return handle
 
 
 def _stage_hook(engine: PrefetchEngine, stage: int):
@@ -282,13 +287,13 @@ def _base_linear(module: nn.Module) -> nn.Module:
 def _streamed_host_tensors(model: Transformer, plan: Plan) -> list[Tensor]:
     """The host tensors of every matrix that streams in some phase: what the pool holds."""
     placement = plan.placement
-    return [tensor for t in plan.model.tensors() if t.group != "embed"
+    return [tensor for t in plan.model.tensors() if t.group != "embed" and not t.experts
             and (placement.device(t.name) == "stream" or placement.streams_for_prefill(t.name))
             for tensor in host_tensors(_base_linear(getattr(*_module(model, t.name))))]
 
 
 def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: PrefetchEngine,
-                   stats: LinearStats, uplink: Uplink, pool: HostPool) -> int:
+                   stats: LinearStats, uplink: Uplink, pool: HostPool, workers: list) -> int:
     """Swap in placed modules and register streamed weights; returns the resident bytes.
     Matrices are carved into the pool one at a time and their modules dropped, so the host
     never holds a second copy of all streamed weights."""
@@ -298,6 +303,9 @@ def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: Pre
         device = placement.device(t.name)
         parent, attr = _module(model, t.name)
         module = getattr(parent, attr)
+        if t.experts:  # a layer's routed experts: some resident, the rest on the host worker
+            resident_bytes += place_bank(parent, t, plan, devices, engine, uplink, workers, stats)
+            continue
         if t.group == "embed":
             weight = module.weight.detach()
             if device == "gpu":

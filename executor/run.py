@@ -22,7 +22,7 @@ from planner.cost.roofline import h2d_s
 from planner.model.spec import Workload
 
 from .devmem import check_memory, peak_bytes, planned_peak_bytes, reset_peak
-from .model import Transformer
+from .model import EXECUTOR_FAMILIES, Transformer
 from .offload import OffloadHandle, apply_plan
 from .streams import Devices
 from .weights import check_checkpoint, load_checkpoint, synthetic_model
@@ -121,10 +121,6 @@ def error_pct(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured if measured else float("nan")
 
 
-# Families executor/model.py builds; hfconfig's RUNNABLE_FAMILIES is what it will build.
-EXECUTOR_FAMILIES = ("llama", "mistral", "qwen2")
-
-
 def check_runnable(plan: Plan, devices: Devices) -> None:
     """Refuse a plan this executor cannot run, or made for hardware this machine does not have
     (DESIGN §7), before anything is loaded."""
@@ -140,8 +136,10 @@ def check_runnable(plan: Plan, devices: Devices) -> None:
         raise PlanError(f"the plan was made for {plan.profile.accelerator.name} but this machine has no CUDA "
                         "device: run `offplan profile` here (it writes a loopback profile) and solve with "
                         "--hw <that file>")
-    if plan.model.moe is not None:
-        raise PlanError("the executor does not run mixture-of-experts models yet (the planner does)")
+    streamed_banks = [t.name for t in plan.model.tensors() if t.experts and plan.placement.device(t.name) == "stream"]
+    if streamed_banks:
+        raise PlanError(f"placement.{streamed_banks[0]}: the executor holds expert banks resident or split "
+                        "with the host, it does not stream them; export this plan to another runtime instead")
     if plan.draft is not None and plan.draft.spec.vocab != plan.model.vocab:
         raise PlanError(f"draft {plan.draft.name!r}: vocabulary {plan.draft.spec.vocab} differs from the target's "
                         f"{plan.model.vocab}")

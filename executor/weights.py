@@ -188,7 +188,7 @@ def synthetic_std(spec: ModelSpec, name: str, shape: tuple[int, ...]) -> float:
     std = 1.0 / math.sqrt(shape[-1])
     if name.endswith("o_proj.weight"):
         std *= ATTN_OUT_GAIN / math.sqrt(2 * spec.layers)
-    elif name.endswith("down_proj.weight"):
+    elif name.endswith(("down_proj.weight", ".w2.weight")):  # Mixtral's expert down projection is w2
         std *= MLP_OUT_GAIN / math.sqrt(2 * spec.layers)
     return std
 

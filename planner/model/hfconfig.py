@@ -222,13 +222,17 @@ def _quantization(config: dict[str, Any]) -> Quantization | None:
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+                  "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
     """The config.json a Hugging Face checkpoint of `spec` carries (classic layout, which every
     transformers version reads). Inverse of `spec_from_hf_config` up to the spec's name."""
+    if spec.family not in _ARCHITECTURES:
+        raise SpecError(f"family: offplan writes Hugging Face configs of {', '.join(_ARCHITECTURES)}, "
+                        f"not {spec.family}")
     if spec.ffn != "swiglu":
         raise SpecError(f"ffn: {spec.ffn!r} has no Hugging Face {spec.family} equivalent; "
                         "only 'swiglu' models can be written as a Hugging Face config")
@@ -258,10 +262,16 @@ def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
     if spec.family == "llama":
         config["attention_bias"] = spec.attention_bias
         config["mlp_bias"] = False
-    if spec.moe is not None:
+    if spec.family in ("qwen3", "qwen3_moe"):
+        config["attention_bias"] = spec.attention_bias
+    if spec.family == "mixtral" and spec.moe is not None:
         config["num_local_experts"] = spec.moe.experts
         config["num_experts_per_tok"] = spec.moe.active
         config["intermediate_size"] = spec.moe.expert_intermediate
+    if spec.family == "qwen3_moe" and spec.moe is not None:
+        config.update(num_experts=spec.moe.experts, num_experts_per_tok=spec.moe.active,
+                      moe_intermediate_size=spec.moe.expert_intermediate, norm_topk_prob=spec.moe.norm_topk,
+                      decoder_sparse_step=1, mlp_only_layers=[])
     if spec.quantization is not None:
         q = spec.quantization
         config["quantization_config"] = {"quant_method": "gptq", "bits": q.bits,

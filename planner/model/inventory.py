@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 GATED_KINDS = ("gate_proj", "up_proj", "down_proj")
 PLAIN_KINDS = ("up_proj", "down_proj")
 # Families whose attention output projection carries a bias when attention_bias is set.
-O_BIAS_FAMILIES = ("llama", "gpt_oss")
+O_BIAS_FAMILIES = ("llama", "gpt_oss", "qwen3", "qwen3_moe")
 
 
 def _matrix(spec: ModelSpec, name: str, layer: int | None, kind: str, group: str, rows: int, cols: int,

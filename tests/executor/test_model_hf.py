@@ -260,10 +260,20 @@ def test_plain_ffn_uses_gelu() -> None:
     assert not hasattr(mlp, "gate_proj")
 
 
-def test_moe_spec_is_rejected() -> None:
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_modules_hold_the_plan_banks(family) -> None:
+    """Each plan tensor maps onto a module (executor.moe.module_path); a bank's experts hold
+    exactly its bytes."""
+    from executor.moe import module_path
     from planner.model.spec import MoE
-    with pytest.raises(SpecError, match="does not run MoE"):
-        Transformer(tiny_spec(family="mixtral", moe=MoE(experts=4, active=2, expert_intermediate=32)))
+    spec = tiny_spec(family=family, moe=MoE(experts=4, active=2, expert_intermediate=32),
+                     qk_norm=family == "qwen3_moe")
+    model = synthetic_model(spec)
+    for tensor in spec.tensors():
+        path = "lm_head" if tensor.name == "lm_head" else f"model.{module_path(spec, tensor.name)}"
+        module = model.get_submodule(path)
+        n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        assert n_bytes == tensor.n_bytes or (tensor.kind == "embed_tokens" and spec.tied_embeddings)
 
 
 # ---- checkpoint errors ---------------------------------------------------------------------------
