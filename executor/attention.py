@@ -217,8 +217,10 @@ class HybridKVCache(nn.Module):
         host_shape = (batch, kv_heads, host_tokens, head_dim)
         host_numel = math.prod(host_shape)
         # Plain attributes, not registered buffers: model.to(device) must not move the host part.
-        self._host_k = _alloc_host(host_numel, dtype, self.host_device, self._pin).view(host_shape)
-        self._host_v = _alloc_host(host_numel, dtype, self.host_device, self._pin).view(host_shape)
+        # Not page-locked: no async copy reads or writes it (the prefill's d2h into it is
+        # synchronous), and pin_memory would round each block up to a power of two.
+        self._host_k = _alloc_host(host_numel, dtype, self.host_device, False).view(host_shape)
+        self._host_v = _alloc_host(host_numel, dtype, self.host_device, False).view(host_shape)
         dev_shape = (batch, kv_heads, self.device_tokens, head_dim)
         self._dev_k = torch.empty(dev_shape, dtype=dtype, device=self.device)
         self._dev_v = torch.empty(dev_shape, dtype=dtype, device=self.device)
