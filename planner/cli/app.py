@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from planner.solve.baselines import run_baselines
 from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOpt, HwOpt, JsonOpt, PromptOpt, RamOpt,
                          RuntimeOpt, SolverOpt, TimeLimitOpt,
                          VramOpt, check_out_path, console, load_hardware, load_model, load_plan_file, print_json,
@@ -22,11 +22,9 @@ from planner.cli.run_cmds import acceptance, profile, run, sensitivity
 from planner.cost.options import Scenario
 from planner.hardware.profile import load_profile, shipped_profile_names
 from planner.solve.ilp import SolverOptions, solve_placement
-from planner.plan.record import make_plan, save_plan
-from planner.cost.evaluate import option_tables
-from planner.cli.render import compare_table, memory_table, model_line, placement_table, plan_json, speed_table
+from planner.plan.record import save_plan
+from planner.cli.render import model_line, plan_json, render_solve
 from planner.errors import OffplanError
-from planner.units import fmt_seconds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OffplanGroup,
                   help="Plan and run LLMs on a GPU that is too small for them.")
@@ -78,71 +76,31 @@ def solve(
     if runtime_named(runtime).name == "llamacpp":
         return solve_llamacpp_command(model, model_file, profile, workload, quant, compare, out, json_out,
                                       SolverOptions(time_limit_s=time_limit, solver=solver))
-    from planner.solve.quality import parse_quality, solve_compensated
-    from planner.model.ranks import compensation_settings, load_rank_table
+    from planner.model.ranks import load_rank_table
+    from planner.solve.entry import SolveRequest, solve_model
+    from planner.solve.quality import parse_quality
     quality_mode, quality_value = parse_quality(quality)
-    if not 0 <= slack <= 1:
-        raise OffplanError(f"--slack: must be between 0 and 1, got {slack}")
-    rank_choices, rank_recovery = (0,), {}
-    if quality is not None:
-        if model_file.spec.quantization is None:
-            raise OffplanError("--quality: the model is not quantized; add 'quantization:' to the model file")
-        table = load_rank_table(rank_table) if rank_table else None
-        rank_choices, rank_recovery = compensation_settings(model_file.spec, model_file.compensation, table)
-    elif rank_table is not None:
-        raise OffplanError("--rank-table: give --quality too (max, or a fraction such as 0.5)")
-    options = SolverOptions(time_limit_s=time_limit, solver=solver, quality=quality_value,
-                            quality_mode=quality_mode, slack=slack)
     if accept and (no_draft or not model_file.drafts):
         raise OffplanError("--acceptance: " + ("--no-draft ignores the drafts" if no_draft else
                            f"{model} lists no draft models (add `drafts:` to the model file)"))
-    search_result = None
-    if model_file.drafts and not no_draft:
-        from planner.solve.drafts import search, search_plan
-        acceptance = dict(_parse_acceptance(a) for a in accept)
-        with console.status("searching drafts x draft lengths...", spinner="dots") if not json_out \
-                else _nullcontext() as status:
-            search_result = search(model_file.spec, profile, workload, model_file.drafts, options,
-                                   progress=(lambda line: status.update(line)) if not json_out else None,
-                                   acceptance=acceptance, rank_choices=rank_choices, rank_recovery=rank_recovery)
-        scn = search_result.scenario
-        plan = search_plan(search_result)
-        solution = search_result.best.solution
-    else:
-        scn = Scenario(model_file.spec, profile, workload, rank_choices=rank_choices, rank_recovery=rank_recovery)
-        with console.status("solving placement ILP...", spinner="dots") if not json_out else _nullcontext():
-            solution = solve_compensated(scn, options)
-        plan = make_plan(scn, solution.placement, "ilp", solution.prediction, solution.solver, solution.status,
-                         solution.solve_time_s, solution.objective_s)
-    tables = option_tables(scn)
-    baselines = run_baselines(scn, tables) if compare else None
-    if out is not None:
-        save_plan(plan, out)
+    request = SolveRequest(
+        model_file, profile, workload,
+        SolverOptions(time_limit_s=time_limit, solver=solver, quality=quality_value, quality_mode=quality_mode,
+                      slack=slack),
+        drafts=not no_draft, acceptance=dict(_parse_acceptance(a) for a in accept),
+        rank_table=load_rank_table(rank_table) if rank_table else None, compare=compare)
     if json_out:
-        print_json(plan_json(plan, baselines))
+        result = solve_model(request)
+    else:
+        what = "searching drafts x draft lengths..." if model_file.drafts and not no_draft else "solving placement ILP..."
+        with console.status(what, spinner="dots") as status:
+            result = solve_model(replace(request, progress=lambda line: status.update(line)))
+    if out is not None:
+        save_plan(result.plan, out)
+    if json_out:
+        print_json(plan_json(result.plan, result.baselines))
         return
-    console.print(f"[bold]{model_line(plan.model)}[/]")
-    console.print(f"on {profile.name}; batch {workload.batch}, prompt {workload.prompt}, generate {workload.gen}")
-    within = f", within {solution.gap:.1%} of optimal" if solution.gap == solution.gap and solution.gap > 0 else ""
-    console.print(f"solved with {solution.solver} in {fmt_seconds(solution.solve_time_s)} ({solution.status}{within}; "
-                  f"{solution.n_variables} variables)" + (f"; {len(search_result.candidates)} draft combinations "
-                                                          f"considered" if search_result else ""))
-    console.print(placement_table(plan))
-    console.print(memory_table(plan))
-    console.print(speed_table(plan))
-    if quality is not None:
-        from planner.cost.compensation import compensation_time
-        ct = compensation_time(tables, plan.placement)
-        console.print(f"compensation: {ct.tensors} matrices with a CPU branch; predicted recovered error "
-                      f"{plan.predicted.recovered_error:.1%} of the quantization error; CPU branch "
-                      f"{fmt_seconds(ct.branch_s)} per step, {fmt_seconds(ct.hidden_s)} hidden behind the "
-                      f"accelerator, {fmt_seconds(ct.exposed_s)} exposed")
-    if search_result is not None:
-        from planner.cli.render_search import alternatives_table, draft_summary
-        console.print(draft_summary(search_result))
-        console.print(alternatives_table(search_result))
-    if baselines is not None:
-        console.print(compare_table(plan, baselines))
+    render_solve(console, result)
     if out is not None:
         console.print(f"plan written to [bold]{out}[/]")
 

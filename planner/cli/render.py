@@ -205,3 +205,30 @@ def compare_table(plan: Plan, baselines: list) -> FitTable:
         table.add_row(b.name, b.note, fmt_seconds(p.ttft_s), f"{p.decode_tokens_per_s:,.2f}",
                       fmt_seconds(p.total_s), f"{p.total_s / pr.total_s:.2f}x")
     return FitTable(table)
+
+
+def render_solve(console, result) -> None:
+    """Everything `offplan solve` prints for a SolveResult (planner/solve/entry.py)."""
+    plan, solution, search = result.plan, result.solution, result.search
+    wl = plan.workload
+    console.print(f"[bold]{model_line(plan.model)}[/]")
+    console.print(f"on {plan.profile.name}; batch {wl.batch}, prompt {wl.prompt}, generate {wl.gen}")
+    within = f", within {solution.gap:.1%} of optimal" if solution.gap == solution.gap and solution.gap > 0 else ""
+    console.print(f"solved with {solution.solver} in {fmt_seconds(solution.solve_time_s)} ({solution.status}{within}; "
+                  f"{solution.n_variables} variables)" + (f"; {len(search.candidates)} draft combinations "
+                                                          f"considered" if search else ""))
+    console.print(placement_table(plan))
+    console.print(memory_table(plan))
+    console.print(speed_table(plan))
+    ct = result.compensation
+    if ct is not None:
+        console.print(f"compensation: {ct.tensors} matrices with a CPU branch; predicted recovered error "
+                      f"{plan.predicted.recovered_error:.1%} of the quantization error; CPU branch "
+                      f"{fmt_seconds(ct.branch_s)} per step, {fmt_seconds(ct.hidden_s)} hidden behind the "
+                      f"accelerator, {fmt_seconds(ct.exposed_s)} exposed")
+    if search is not None:
+        from planner.cli.render_search import alternatives_table, draft_summary
+        console.print(draft_summary(search))
+        console.print(alternatives_table(search))
+    if result.baselines is not None:
+        console.print(compare_table(plan, result.baselines))

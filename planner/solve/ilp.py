@@ -22,6 +22,7 @@ from planner.solve import backend
 from planner.cost.terms import host_staging_bytes
 from planner.errors import InfeasiblePlanError, OffplanError, SolverStoppedError, SpecError
 from planner.model.placement import Placement
+from planner.model.spec import ModelSpec
 from planner.cost.evaluate import OptionTables, Prediction, chosen_options, memory_use, option_tables, predict
 from planner.units import fmt_bytes
 
@@ -158,22 +159,28 @@ def max_recovered(tables: OptionTables) -> float:
     return sum(max(o.recovered for o in tables.tensor[name]) for name in quantized) / len(quantized)
 
 
-def check_quality(tables: OptionTables, options: SolverOptions) -> None:
-    """Reject quality options that cannot mean anything for this scenario, naming the flag."""
+def check_options(options: SolverOptions, spec: ModelSpec) -> None:
+    """Reject solver options that cannot mean anything for `spec`, naming the flag (the one
+    place these are checked; `check_quality` adds what needs the option tables)."""
     if options.quality_mode is not None and options.quality_mode not in QUALITY_MODES:
         raise OffplanError(f"--quality: unknown mode {options.quality_mode!r}; use 'max' or a fraction")
     if options.quality_mode is not None and options.quality is not None:
         raise OffplanError("--quality: give either 'max' or a fraction, not both")
-    if not 0.0 <= options.slack < 10.0:
-        raise OffplanError(f"--slack: {options.slack:g} must be between 0 and 10 (a fraction: 0.02 = 2%)")
+    if not 0.0 <= options.slack <= 1.0:
+        raise OffplanError(f"--slack: {options.slack:g} must be between 0 and 1 (a fraction: 0.02 = 2%)")
     if options.quality is None and options.quality_mode is None:
         return
-    if tables.scenario.spec.quantization is None:
+    if spec.quantization is None:
         raise SpecError("--quality needs a quantized model: add `quantization: {bits: 4, group_size: 128}` "
                         "to model.yaml")
+    if options.quality is not None and not 0.0 <= options.quality <= 1.0:
+        raise OffplanError(f"--quality: {options.quality:g} is not between 0 and 1")
+
+
+def check_quality(tables: OptionTables, options: SolverOptions) -> None:
+    """`check_options`, and a quality target the offered ranks can reach."""
+    check_options(options, tables.scenario.spec)
     if options.quality is not None:
-        if not 0.0 <= options.quality <= 1.0:
-            raise OffplanError(f"--quality: {options.quality:g} is not between 0 and 1")
         best = max_recovered(tables)
         if options.quality > best + 1e-12:
             raise InfeasiblePlanError(

@@ -71,7 +71,4 @@ def parse_quality(text: str | None) -> tuple[str | None, float | None]:
     except ValueError:
         raise OffplanError(f"--quality: expected 'max' or a recovered-error fraction between 0 and 1, "
                            f"got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise OffplanError(f"--quality: {value:g} is not between 0 and 1 (the mean fraction of "
-                           "quantization error to recover)")
-    return None, value
+    return None, value  # its range is checked with the other options (ilp.check_options)

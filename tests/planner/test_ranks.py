@@ -17,7 +17,7 @@ from planner.cost import options as cost
 from planner.cost.compensation import compensation_time
 from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError, OffplanError, SpecError
-from planner.solve.ilp import SolverOptions, solve_placement
+from planner.solve.ilp import SolverOptions, check_options, solve_placement
 from planner.solve.quality import parse_quality, solve_compensated, uncompensated
 from planner.model.modelfile import Compensation
 from planner.cost.evaluate import chosen_options, option_tables, predict
@@ -304,9 +304,11 @@ def test_quality_errors_name_the_flag(instances):
     assert parse_quality("max") == ("max", None)
     assert parse_quality(" 0.25") == (None, 0.25)
     assert parse_quality(None) == (None, None)
-    for bad in ("most", "1.5", "-0.1"):
+    with pytest.raises(OffplanError, match="--quality"):
+        parse_quality("most")
+    for bad in ("1.5", "-0.1"):
         with pytest.raises(OffplanError, match="--quality"):
-            parse_quality(bad)
+            check_options(SolverOptions(quality=parse_quality(bad)[1]), scn.spec)
 
 
 def test_rank_table_drives_the_plan():
