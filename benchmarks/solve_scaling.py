@@ -31,7 +31,8 @@ import pulp
 from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError
 from planner.hardware.profile import load_profile, with_overrides
-from planner.solve.ilp import MS, SolverOptions, build_problem, layer_groups, pick_solver, solve_placement
+from planner.solve.ilp import SolverOptions, pick_solver, solve_placement
+from planner.solve.problem import MS, build_problem, layer_groups
 from planner.cost.evaluate import option_tables
 from planner.model.presets import preset
 from planner.model.spec import Quantization, Workload
@@ -99,7 +100,7 @@ def scenario(case: Case, hw: str) -> Scenario:
 
 def lp_bound_s(tables, options: SolverOptions) -> float:
     """Objective of the LP relaxation: the same problem with every binary continuous in [0, 1]."""
-    prob, *_ = build_problem(tables, options)
+    prob = build_problem(tables, options).prob
     for var in prob.variables():
         if var.cat != pulp.LpContinuous:
             var.cat = pulp.LpContinuous  # binaries keep their [0, 1] bounds

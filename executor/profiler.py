@@ -33,8 +33,7 @@ from typing import Callable
 import torch
 
 from planner.errors import HardwareError
-from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, Source
-from planner.cli.render_hw import pcie_gbps
+from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, Source, pcie_gbps
 from planner.units import fmt_bytes
 
 from . import measure

@@ -1,4 +1,4 @@
-"""Measured timeline of a run, in the simulator's event format (planner.simulate.engine.Event), so
+"""Measured timeline of a run, in the simulator's event format (planner.simulate.events.Event), so
 `offplan run --trace` and `offplan simulate --trace` open side by side in Perfetto.
 
 Events are intervals in seconds from the recorder's start. Host-side work (cpu matmuls, the
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from planner.simulate.engine import Event
+from planner.simulate.events import Event
 
 MAX_EVENTS = 200_000  # keeps a long run's trace file reasonable; later events are dropped
 

@@ -14,13 +14,14 @@ from rich.table import Table
 from planner.cli.render_fit import FitTable
 from rich.text import Text
 
-from planner.simulate.engine import KINDS, RESOURCES, Event, SimResult, event_kind
+from planner.simulate.engine import SimResult
+from planner.simulate.events import KINDS, RESOURCES, Event, event_kind
 from planner.units import fmt_bytes, fmt_seconds
 
-KIND_COLOURS = {"compute": "green", "stream": "blue", "transfer": "magenta", "cpu": "yellow"}
+KIND_COLOURS = {"compute": "green", "stream": "blue", "transfer": "magenta", "cpu": "yellow", "memory": "red"}
 KIND_WORDS = {"compute": "accelerator compute", "stream": "weight streaming", "transfer": "activation transfers",
-              "cpu": "CPU compute"}
-KIND_MARKS = {"compute": "A", "stream": "S", "transfer": "T", "cpu": "C"}  # upper case: busy >= half the bin
+              "cpu": "CPU compute", "memory": "host memory bandwidth"}
+KIND_MARKS = {"compute": "A", "stream": "S", "transfer": "T", "cpu": "C", "memory": "M"}  # upper case: busy >= half the bin
 IDLE = "·"
 TICKS = 4  # intervals on the time axis
 

@@ -6,18 +6,10 @@ from __future__ import annotations
 from rich.table import Table
 
 from planner.cli.render_fit import FitTable
-from planner.hardware.profile import HardwareProfile
+from planner.hardware.profile import HardwareProfile, pcie_gbps
 from planner.units import fmt_bytes, fmt_seconds, fmt_sig
 
 Row = tuple[str, str, str]  # (figure, value, field path for its spread or citation)
-# PCIe bandwidth per lane and direction after line encoding (8b/10b to gen2, 128b/130b after,
-# FLIT mode for gen6), GB/s.
-PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
-
-
-def pcie_gbps(generation: int, width: int) -> float:
-    """Theoretical per-direction PCIe bandwidth in GB/s; 0 when the link is unknown."""
-    return PCIE_LANE_GBPS.get(generation, 0.0) * width
 
 
 def fmt_rate(value: float) -> str:

@@ -3,9 +3,9 @@
 Each compensated tensor runs `(x·A)·B` on the CPU while the accelerator computes its
 matmul (cost.parallel): the part of the branch longer than the matmul lengthens the
 layer's compute path, and its correction going up occupies the link beside the next
-stage's prefetch. A stage lasts max(compute path, link), so either may be hidden by the
-other. `exposed_s` is exactly what the branches add to the decode step: Σ over stages of
-max(path, link) - max(path - excess, link - uploads).
+stage's prefetch. A stage lasts the longest of its operands (planner/cost/stage.py), so
+either may be hidden by the others. `exposed_s` is exactly what the branches add to the
+decode step: Σ over stages of max(operands) - max(operands without the branches' share).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from planner.cost.options import compensation_branch
 from planner.model.placement import Placement
 from planner.cost.evaluate import OptionTables, chosen_options, predict
+from planner.cost.stage import OPERANDS
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,10 @@ def compensation_time(tables: OptionTables, placement: Placement) -> Compensatio
     scn = tables.scenario
     tensor, kv = chosen_options(tables, placement)
     prediction = predict(tables, tensor, kv)
+    up = tables.runtime.term("decode", "activations up")  # the correction sent up
     count, branch_total, exposed = 0, 0.0, 0.0
     for stage, timing in zip(tables.stages, prediction.stages):
-        excess = 0.0  # branch time beyond the accelerator matmul, on this stage's compute path
-        uploads = 0.0  # corrections sent up, on this stage's link
+        share = dict.fromkeys(OPERANDS, 0.0)  # what the branches add to each operand of this stage
         for t in stage.tensors:
             option = tensor[t.name]
             if option.rank == 0:
@@ -50,8 +51,8 @@ def compensation_time(tables: OptionTables, placement: Placement) -> Compensatio
             branch_total += branch_s + handoff_s
             # parallel() hides min(matmul, branch), so the branch's excess over the matmul
             # (what it adds to the path) is branch - hidden, plus the hand-off, never hidden.
-            excess += max(branch_s - option.decode.hidden_cpu_s, 0.0) + handoff_s
-            uploads += option.decode_act_h2d_s
-        path, link, bus = timing.decode_path.total_s, timing.decode_link_s, timing.decode_bus_s
-        exposed += max(path, link, bus) - max(path - excess, link - uploads, bus)
+            share["path"] += max(branch_s - option.decode.hidden_cpu_s, 0.0) + handoff_s
+            share[up.operand] += up.of(option)
+        operands = {op: timing.decode.operand_s(op) for op in OPERANDS}
+        exposed += max(operands.values()) - max(v - share[op] for op, v in operands.items())
     return CompensationTime(count, branch_total, branch_total - exposed, exposed)

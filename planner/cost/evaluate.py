@@ -15,6 +15,7 @@ from planner.cost.terms import (acc_workspace_bytes, draft_prefill_s, draft_step
 from planner.errors import PlanError
 from planner.model.placement import Placement, check_placement
 from planner.cost.roofline import PathCost
+from planner.cost.stage import EXECUTOR, PHASES, Item, Runtime, StageSum, stage_sum, start_s, term_sums
 from planner.model.spec import TensorSpec
 
 RESOURCES = ("accelerator", "cpu", "transfers", "link", "memory")
@@ -45,9 +46,10 @@ class OptionTables:
     kv: list[KVOption]
     fixed_decode: dict[str, PathCost]  # stage name -> element-wise work
     fixed_prefill: dict[str, PathCost]
+    runtime: Runtime = EXECUTOR  # how stages overlap their work (planner/cost/stage.py)
 
 
-def option_tables(scn: Scenario) -> OptionTables:
+def option_tables(scn: Scenario, runtime: Runtime = EXECUTOR) -> OptionTables:
     spec, stages = scn.spec, stages_of(scn.spec)
     # Layers repeat: a tensor's options depend on its shape (and, for an expert bank, its
     # layer's routing), not its name, so each distinct one is computed once.
@@ -66,7 +68,7 @@ def option_tables(scn: Scenario) -> OptionTables:
         else:
             fixed_decode[st.name] = layer_fixed(scn, scn.decode_rows)
             fixed_prefill[st.name] = layer_fixed(scn, scn.prefill_rows)
-    return OptionTables(scn, stages, tensor, kv_options(scn), fixed_decode, fixed_prefill)
+    return OptionTables(scn, stages, tensor, kv_options(scn), fixed_decode, fixed_prefill, runtime)
 
 
 @dataclass(frozen=True)
@@ -94,29 +96,52 @@ class MemoryUse:
 
 @dataclass(frozen=True)
 class StageTime:
+    """One stage's time in both phases, summed by the stage rule (planner/cost/stage.py)."""
+
     name: str
-    decode_path: PathCost
-    decode_link_s: float  # h2d link: prefetch of the next stage + this stage's activations going up
-    prefill_path: PathCost
-    prefill_link_s: float
-    decode_bus_s: float = 0.0  # host memory bus: this stage's reads + prefetch of the next stage
-    prefill_bus_s: float = 0.0
+    decode: StageSum
+    prefill: StageSum
+
+    def phase(self, phase: str) -> StageSum:
+        return self.decode if phase == "decode" else self.prefill
 
     @property
     def decode_s(self) -> float:
-        return max(self.decode_path.total_s, self.decode_link_s, self.decode_bus_s)
+        return self.decode.total_s
 
     @property
     def prefill_s(self) -> float:
-        return max(self.prefill_path.total_s, self.prefill_link_s, self.prefill_bus_s)
+        return self.prefill.total_s
+
+    @property
+    def decode_path(self) -> PathCost:
+        return self.decode.path
+
+    @property
+    def prefill_path(self) -> PathCost:
+        return self.prefill.path
+
+    @property
+    def decode_link_s(self) -> float:
+        """h2d link: prefetch of the next stage + this stage's activations going up."""
+        return self.decode.operand_s("link")
+
+    @property
+    def prefill_link_s(self) -> float:
+        return self.prefill.operand_s("link")
+
+    @property
+    def decode_bus_s(self) -> float:
+        """Host memory bus: this stage's reads + prefetch of the next stage."""
+        return self.decode.operand_s("memory")
+
+    @property
+    def prefill_bus_s(self) -> float:
+        return self.prefill.operand_s("memory")
 
     def bound(self, phase: str) -> str:
         """What sets this stage's time: `path` (compute and transfers), `link` or `memory`."""
-        path, link, bus = ((self.decode_path.total_s, self.decode_link_s, self.decode_bus_s) if phase == "decode"
-                           else (self.prefill_path.total_s, self.prefill_link_s, self.prefill_bus_s))
-        if bus > max(path, link):
-            return "memory"
-        return "link" if link > path else "path"
+        return self.phase(phase).bound
 
 
 @dataclass(frozen=True)
@@ -162,14 +187,8 @@ class Prediction:
         `memory` = stages held up by the host memory bus)."""
         out = dict.fromkeys(RESOURCES, 0.0)
         for s in self.stages:
-            path = s.decode_path if phase == "decode" else s.prefill_path
-            bound = s.bound(phase)
-            if bound != "path":
-                out[bound] += s.decode_s if phase == "decode" else s.prefill_s
-            else:
-                out["accelerator"] += path.acc_s
-                out["cpu"] += path.cpu_s
-                out["transfers"] += path.xfer_s
+            for resource, seconds in s.phase(phase).by_resource().items():
+                out[resource] += seconds
         if phase == "decode":
             out["accelerator"] += self.draft_step_s
         else:
@@ -224,49 +243,40 @@ def chosen_options(tables: OptionTables, placement: Placement) -> tuple[dict[str
     return tensor, kv
 
 
+def stage_items(tables: OptionTables, stage: Stage, tensor: dict[str, TensorOption],
+                kv: list[KVOption], phase: str) -> list[Item]:
+    """What a stage is made of: its fixed work, its tensors' options, its layer's KV option."""
+    fixed = (tables.fixed_decode if phase == "decode" else tables.fixed_prefill)[stage.name]
+    items: list[Item] = [fixed, *(tensor[t.name] for t in stage.tensors)]
+    return items + ([kv[stage.layer]] if stage.layer is not None else [])
+
+
 def predict(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOption]) -> Prediction:
-    """Aggregate chosen options into a Prediction (the same sums the ILP encodes)."""
-    scn, stages = tables.scenario, tables.stages
-    paths_d, paths_p, links_d, links_p, buffers, own_d, own_p = [], [], [], [], [], [], []
-    bus_d, bus_p, fetch_d, fetch_p = [], [], [], []
-    for st in stages:
-        opts = [tensor[t.name] for t in st.tensors]
-        pd, pp = tables.fixed_decode[st.name], tables.fixed_prefill[st.name]
-        for o in opts:
-            pd, pp = pd + o.decode, pp + o.prefill
-        if st.layer is not None:
-            pd, pp = pd + kv[st.layer].decode, pp + kv[st.layer].prefill
-        paths_d.append(pd)
-        paths_p.append(pp)
-        links_d.append(sum(o.decode_link_s for o in opts))
-        links_p.append(sum(o.prefill_link_s for o in opts))
-        # Activations this stage sends up share the h2d link with the next stage's prefetch.
-        own_d.append(sum(o.decode_act_h2d_s for o in opts)
-                     + (kv[st.layer].decode_act_h2d_s if st.layer is not None else 0.0))
-        own_p.append(sum(o.prefill_act_h2d_s for o in opts))
-        buffers.append(sum(o.buffer_bytes for o in opts))
-        bus_d.append(sum(o.decode_bus_s for o in opts) + (kv[st.layer].decode_bus_s if st.layer is not None else 0.0))
-        bus_p.append(sum(o.prefill_bus_s for o in opts))
-        fetch_d.append(sum(o.decode_fetch_bus_s for o in opts))
-        fetch_p.append(sum(o.prefill_fetch_bus_s for o in opts))
+    """Aggregate chosen options into a Prediction: the stage rule of planner/cost/stage.py
+    over every stage, as the ILP encodes it."""
+    scn, stages, runtime = tables.scenario, tables.stages, tables.runtime
     n = len(stages)
-    # Compute slows while the next stage's weights stream in beside it (loopback, membus.py).
-    for i in range(n):
-        slow_d = sum(tensor[t.name].decode_fetch_slow_s for t in stages[(i + 1) % n].tensors)
-        slow_p = sum(tensor[t.name].prefill_fetch_slow_s for t in stages[i + 1].tensors) if i + 1 < n else 0.0
-        paths_d[i] = paths_d[i] + PathCost(acc_s=slow_d)
-        paths_p[i] = paths_p[i] + PathCost(acc_s=slow_p)
-    # Decode is cyclic: while stage s computes, stage s+1 (the head wraps to layer 0) streams in.
-    times = tuple(StageTime(st.name, paths_d[i], links_d[(i + 1) % n] + own_d[i], paths_p[i],
-                            (links_p[i + 1] if i + 1 < n else 0.0) + own_p[i],
-                            bus_d[i] + fetch_d[(i + 1) % n], bus_p[i] + (fetch_p[i + 1] if i + 1 < n else 0.0))
-                  for i, st in enumerate(stages))
+    sums, hidden = {}, {}
+    for phase in PHASES:
+        items = [stage_items(tables, st, tensor, kv, phase) for st in stages]
+        sums[phase] = [term_sums(runtime, phase, its) for its in items]
+        hidden[phase] = [sum(getattr(i, phase).hidden_cpu_s for i in its if not isinstance(i, PathCost))
+                         for its in items]
+
+    def summed(i: int, phase: str) -> StageSum:
+        nxt = runtime.following(i, n, phase)
+        return stage_sum(runtime, phase, sums[phase][i], sums[phase][nxt] if nxt is not None else None,
+                         hidden[phase][i])
+
+    times = tuple(StageTime(st.name, summed(i, "decode"), summed(i, "prefill")) for i, st in enumerate(stages))
+    buffers = [sum(tensor[t.name].buffer_bytes for t in st.tensors) for st in stages]
     vram, host = memory_use(tables, tensor, kv, max(buffers, default=0))
     recov = [o.recovered for o in tensor.values() if scn.spec.quantization and o.device != "cpu"]
     quantized = [t for t in scn.spec.tensors() if t.group in ("attn", "mlp")]
     recovered = sum(recov) / len(quantized) if scn.spec.quantization and quantized else 0.0
-    return Prediction(times, links_p[0], draft_step_s(scn), draft_prefill_s(scn), scn.expected_tokens,
-                      scn.workload.batch, scn.decode_steps, vram, host, recovered)
+    return Prediction(times, start_s(runtime, "prefill", sums["prefill"][0]), draft_step_s(scn),
+                      draft_prefill_s(scn), scn.expected_tokens, scn.workload.batch, scn.decode_steps, vram, host,
+                      recovered)
 
 
 def memory_use(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOption],

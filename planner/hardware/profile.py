@@ -17,6 +17,9 @@ from planner.schema import atomic_write, check_version, dump_yaml, from_dict, re
 from planner.units import fmt_bytes
 
 PROFILE_VERSION = 1
+# PCIe bandwidth per lane and direction after line encoding (8b/10b to gen2, 128b/130b after,
+# FLIT mode for gen6), GB/s.
+PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 Curve = tuple[tuple[float, float], ...]
 
 
@@ -250,3 +253,8 @@ def with_overrides(profile: HardwareProfile, vram_bytes: int | None = None, ram_
         return profile
     name = f"{profile.name} ({', '.join(notes)})"
     return replace(profile, name=name, accelerator=acc, host=host)
+
+
+def pcie_gbps(generation: int, width: int) -> float:
+    """Theoretical per-direction PCIe bandwidth in GB/s; 0 when the link is unknown."""
+    return PCIE_LANE_GBPS.get(generation, 0.0) * width

@@ -1,71 +1,59 @@
 """Discrete-event simulation of a plan: every op, weight copy and activation transfer as an
 event on the resources that really run concurrently (DESIGN §4, "The simulator").
 
-Resources: `accelerator` (one in-order stream), the `h2d` and `d2h` link directions (each
-serves transfers in the order they become ready, so an activation queues behind weight
-copies already issued), and `cpu` (`cpu_workers` threads). Ops run in execution order, each
-after the one before (elementwise, q, k, v, attention, o, gate, up, down; the head is
-lm_head, final norm and argmax, then the next step's draft forwards and embedding); hybrid
-attention and compensation branches run their host side concurrently and join before the
-next op, so at most one host task runs at a time in today's op graph.
+Resources (planner/simulate/events.py): `accelerator` (one in-order stream), the `h2d` and
+`d2h` link directions (each serves transfers in the order they become ready, so an
+activation queues behind weight copies already issued), `cpu` (`cpu_workers` threads) and
+`memory`, the host memory bus. Ops run in execution order, each after the one before
+(elementwise, q, k, v, attention, o, gate, up, down; the head is lm_head, final norm and
+argmax, then the next step's draft forwards and embedding); hybrid attention and
+compensation branches run their host side concurrently and join before the next op.
+
+What the stage rule (planner/cost/stage.py) charges a stage beyond its own ops is taken
+from it, as the ILP counts it: the memory bus as one `memory` event per stage, from the
+stage's start, lasting its reads plus the traffic of the copies prefetched beside it (the
+next stage waits for it); and the compute a stage loses while the next stage's weights
+copy in (loopback) as one accelerator event at its end.
 
 Streaming: a stage's weights are copied into one of `buffers` slots; the stage's first op
 waits for its whole copy, and a copy starts once its slot is free (the stage that last used
-it has finished). With `prefetch="next-stage"` (DESIGN §4, the ILP's model) every stage
-takes the next slot in turn: 2 buffers reproduce the ILP's per-stage max(compute, next
-copy) and 1 buffer never beats it. With `"next-streamed"` only stages that stream take
-slots, as executor/streams.py does, so copies run ahead across resident stages.
+it has finished). With `prefetch="next-stage"` (the ILP's model) every stage takes the next
+slot in turn: 2 buffers reproduce the ILP's per-stage max over compute, next copy and
+memory bus, and 1 buffer never beats it. With `"next-streamed"` only stages that stream
+take slots, as executor/streams.py does, so copies run ahead across resident stages.
 `copy_chunk_bytes` splits copies into pieces issued one after another, letting activation
 transfers through between pieces.
+
+Where the simulation differs from the ILP's sum, and why: host-computed matmuls, hybrid
+attention and compensation branches send activations over the link, where they queue
+behind weight copies (the ILP only adds their time to the link operand); draft forwards run
+inside the head's stage, beside the first layer's copy (the ILP adds them after the stage
+max); prefill embeds before the first layer's copy ends. The memory bus is a per-stage
+budget, as in the ILP, not bandwidth shared event by event: the cost model has no figure
+for how a copy and a matmul divide the bus between them, only for their sum.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
+from planner.cost.evaluate import Prediction, chosen_options, find_option, option_tables, predict
 from planner.cost.options import Scenario, activation_transfer_s, attention_decode_parts, compensation_branch, matmul_rows
+from planner.cost.roofline import PathCost, h2d_s
 from planner.errors import OffplanError
 from planner.hardware.profile import HardwareProfile
 from planner.model.placement import Placement, check_placement
-from planner.plan.record import Plan
-from planner.cost.evaluate import Prediction, chosen_options, find_option, option_tables, predict
-from planner.cost.roofline import PathCost, h2d_s
 from planner.model.spec import TensorSpec
+from planner.plan.record import Plan
+from planner.simulate.events import KINDS, RESOURCES, STREAM_PREFIX, Event, kind_of
 
-RESOURCES = ("accelerator", "h2d", "d2h", "cpu")
-PHASES = ("prefill", "decode", "draft")
 PREFETCH_MODES = ("next-stage", "next-streamed")
-STREAM_PREFIX = "stream "  # event names of weight copies: "stream layers.3.mlp.up_proj"
-KINDS = ("compute", "stream", "transfer", "cpu")
 
 
 class SimulationError(OffplanError):
     """A simulation option is out of range."""
-
-
-@dataclass(frozen=True)
-class Event:
-    resource: str  # accelerator | h2d | d2h | cpu
-    name: str
-    start_s: float
-    end_s: float
-    stage: str  # "layer 3", "head", "draft"
-    phase: str  # prefill | decode | draft
-
-
-def event_kind(event: Event) -> str:
-    """compute | stream | transfer | cpu: what an event spends its resource on."""
-    return _kind(event.resource, event.name)
-
-
-def _kind(resource: str, name: str) -> str:
-    if resource == "accelerator":
-        return "compute"
-    if resource == "cpu":
-        return "cpu"
-    return "stream" if name.startswith(STREAM_PREFIX) else "transfer"
 
 
 @dataclass(frozen=True)
@@ -91,8 +79,6 @@ class SimResult:
         return max(self.critical_by_kind_s, key=self.critical_by_kind_s.get)
 
 
-# ---- cost pieces cost.py only exposes merged (they belong there) ---------------------------
-
 # ---- op templates ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -109,10 +95,12 @@ Step = tuple[tuple[_Op, ...], ...]  # concurrent branches, each a chain; the nex
 
 @dataclass(frozen=True)
 class _Unit:
-    """One slot of the prefetch schedule: the weight copies it waits for, then its steps."""
+    """One slot of the prefetch schedule: the weight copies it waits for, then its steps;
+    `memory` runs on the memory bus from the unit's start, and the next unit waits for it."""
 
     copies: tuple[_Op, ...]
     steps: tuple[Step, ...]
+    memory: _Op | None = None
 
 
 class _Builder:
@@ -123,6 +111,16 @@ class _Builder:
         self.tables = option_tables(scn)
         self.tensor, self.kv = chosen_options(self.tables, placement)
         self.prediction = predict(self.tables, self.tensor, self.kv)
+        self.sums = {(st.name, ph): st.phase(ph) for st in self.prediction.stages for ph in ("decode", "prefill")}
+
+    def rule_parts(self, stage: str, phase: str) -> tuple[list[Step], _Op | None]:
+        """What the stage rule (planner/cost/stage.py) charges a stage beyond its own ops: the
+        compute it loses while the following stage's weights copy in (one accelerator op at
+        its end) and its memory-bus time (one op spanning the stage, as the ILP counts it)."""
+        summed = self.sums[(stage, phase)]
+        slow_s, bus_s = summed.lagged_s("path"), summed.operand_s("memory")
+        steps = [((_Op("accelerator", f"{stage} copy slowdown", slow_s, stage, phase),),)] if slow_s > 0 else []
+        return steps, (_Op("memory", f"{stage} memory bus", bus_s, stage, phase) if bus_s > 0 else None)
 
     def tensor_steps(self, t: TensorSpec, phase: str, stage: str) -> list[Step]:
         opt = self.tensor[t.name]
@@ -192,15 +190,18 @@ class _Builder:
             if t.kind == "o_proj":
                 steps += self.attention_steps(layer, phase, stage)
             steps += self.tensor_steps(t, phase, stage)
-        return _Unit(self.copies(tensors, phase, stage), tuple(steps))
+        lagged, memory = self.rule_parts(stage, phase)
+        return _Unit(self.copies(tensors, phase, stage), tuple(steps + lagged), memory)
 
-    def head_tail(self, phase: str) -> tuple[tuple[_Op, ...], list[Step]]:
-        """Copies and steps of the head after the last layer: lm_head, final norm and argmax."""
+    def head_tail(self, phase: str) -> _Unit:
+        """The head after the last layer: lm_head, final norm and argmax (the next step's
+        draft forwards and embedding are appended by `units`)."""
         head = self.tables.stages[-1]
         fixed = (self.tables.fixed_decode if phase == "decode" else self.tables.fixed_prefill)["head"]
         steps = [s for t in head.tensors if t.group == "head" for s in self.tensor_steps(t, phase, "head")]
         steps.append(((_Op("accelerator", "norm+argmax", fixed.acc_s, "head", phase),),))
-        return self.copies(head.tensors, phase, "head"), steps
+        lagged, memory = self.rule_parts("head", phase)
+        return _Unit(self.copies(head.tensors, phase, "head"), tuple(steps + lagged), memory)
 
     def step_start(self, phase: str) -> list[Step]:
         """Draft forwards (decode) or the draft's prefill, then the embedding lookup."""
@@ -222,13 +223,12 @@ class _Builder:
         decode_start = self.step_start("decode")
         units = [_Unit((), tuple(self.step_start("prefill"))), *layers["prefill"]]
         prefill_last, anchors = len(units), []
-        copies, steps = tails["prefill"]
-        units.append(_Unit(copies, tuple(steps + decode_start)))
+        units.append(replace(tails["prefill"], steps=tails["prefill"].steps + tuple(decode_start)))
         for k in range(decode_steps + 1):
             anchors.append(len(units))
             units += layers["decode"]
-            copies, steps = tails["decode"]
-            units.append(_Unit(copies, tuple(steps + (decode_start if k < decode_steps else []))))
+            tail = tails["decode"]
+            units.append(replace(tail, steps=tail.steps + tuple(decode_start if k < decode_steps else [])))
         return units, prefill_last, anchors
 
 
@@ -265,6 +265,7 @@ def _instantiate(units: list[_Unit], buffers: int, prefetch: str, chained_copies
             copy_ids.append(add(op, list(free) + last_copy))
             last_copy = [copy_ids[-1]] if chained_copies else []
         steps, first = [], True
+        memory = [add(unit.memory, prev + copy_ids)] if unit.memory is not None else []
         for step in unit.steps:
             ids, join = [], []
             for branch in step:
@@ -275,6 +276,7 @@ def _instantiate(units: list[_Unit], buffers: int, prefetch: str, chained_copies
                 join += on
             steps.append(ids)
             prev, first = join, False
+        prev = prev + memory  # the next stage starts once this one's bus time has passed
         steps_of.append(steps)
         unit_end.append(prev)
     return ops, deps, steps_of
@@ -340,7 +342,7 @@ def _critical_path(tl: _Timeline, anchor: int, lo: float, hi: float) -> tuple[li
     while i >= 0 and tl.end[i] > lo:
         if tl.end[i] > tl.start[i]:
             path.append(i)
-            by_kind[_kind(tl.ops[i].resource, tl.ops[i].name)] += _clipped_s(tl, i, lo, hi)
+            by_kind[kind_of(tl.ops[i].resource, tl.ops[i].name)] += _clipped_s(tl, i, lo, hi)
         i = tl.binding[i]
     return path[::-1], by_kind
 

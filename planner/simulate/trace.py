@@ -16,7 +16,8 @@ from pathlib import Path
 
 from planner.errors import OffplanError
 from planner.schema import atomic_write
-from planner.simulate.engine import PHASES, RESOURCES, Event, SimResult, event_kind
+from planner.simulate.engine import SimResult
+from planner.simulate.events import PHASES, RESOURCES, Event, event_kind
 from planner.plan.record import Plan
 
 US_PER_S = 1e6

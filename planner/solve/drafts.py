@@ -36,7 +36,8 @@ import pulp
 from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError, OffplanError
 from planner.hardware.profile import HardwareProfile
-from planner.solve.ilp import MS, Solution, SolverOptions, build_problem, check_lower_bounds, pick_solver
+from planner.solve.ilp import Solution, SolverOptions, check_lower_bounds, pick_solver
+from planner.solve.problem import MS, build_problem
 from planner.solve.quality import solve_compensated
 from planner.model.modelfile import DraftCandidate
 from planner.plan.record import Plan, make_plan
@@ -241,7 +242,7 @@ def relaxation_bound_s(tables: OptionTables, options: SolverOptions,
     """Optimum of the placement ILP's LP relaxation in seconds: a lower bound on the ILP's
     objective. None when the relaxation is infeasible; 0.0 when the solver gave no optimum or the
     objective is not time (quality_mode "max")."""
-    prob, *_ = build_problem(tables, options)
+    prob = build_problem(tables, options).prob
     for var in prob.variables():
         var.cat = pulp.LpContinuous
     prob.solve(lp_solver or pick_solver(options)[1])

@@ -16,11 +16,12 @@ from planner.cli.render_hw import (
     fmt_rate,
     fmt_time,
     fmt_size_short,
-    pcie_gbps,
     profile_table,
     profiles_overview_table,
     source_text,
 )
+
+from planner.hardware.profile import pcie_gbps
 
 GIB, MIB = 2**30, 2**20
 CURVE = ((65536.0, 9.5), (16777216.0, 12.25), (1073741824.0, 12.5))

@@ -23,7 +23,8 @@ from planner.cost.options import Scenario
 from planner.cost.terms import host_staging_bytes
 from planner.errors import InfeasiblePlanError
 from planner.hardware.profile import load_profile, with_overrides
-from planner.solve.ilp import SolverOptions, layer_groups, solve_placement
+from planner.solve.ilp import SolverOptions, solve_placement
+from planner.solve.problem import layer_groups
 from planner.model.modelfile import load_model_file
 from planner.model.placement import Placement, uniform_placement
 from planner.cost.evaluate import evaluate

@@ -17,8 +17,9 @@ from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, S
 from planner.solve.ilp import SolverOptions, solve_placement
 from planner.model.placement import Placement
 from planner.plan.record import make_plan
-from planner.simulate.engine import (RESOURCES, STREAM_PREFIX, Event, SimulationError, _Op, _schedule,
-                              activation_transfer_s, attention_decode_parts, matmul_rows, simulate_plan)
+from planner.cost.options import activation_transfer_s, attention_decode_parts, matmul_rows
+from planner.simulate.engine import SimulationError, _Op, _schedule, simulate_plan
+from planner.simulate.events import RESOURCES, STREAM_PREFIX, Event
 from planner.model.spec import ModelSpec, Quantization, Workload
 from planner.simulate.trace import (TraceError, decode_step_events, read_trace, to_chrome_trace, whole_workload_events,
                            workload_metadata, write_trace)
@@ -33,15 +34,16 @@ def _spec(**overrides) -> ModelSpec:
     return ModelSpec(**fields)
 
 
-def _profile(vram_bytes: int = 8 * GIB, host_bw_gbps: float = 40.0, host_op_s: float = 2e-6) -> HardwareProfile:
-    """The simulator does not model the host memory bus (planner/cost/membus.py): a bus far faster
-    than the link keeps that term from binding, so ILP and simulator model the same thing."""
+def _profile(vram_bytes: int = 8 * GIB, host_bw_gbps: float = 40.0, host_op_s: float = 2e-6,
+             bus_gbps: float = 0.0) -> HardwareProfile:
+    """A made-up machine; its host memory bus is `bus_gbps`, by default the host's memory
+    bandwidth (planner/cost/membus.py)."""
     return HardwareProfile(
         name="sim-test",
         accelerator=Accelerator("test accelerator", vram_bytes, 200.0, {"bf16": 40.0, "fp32": 10.0}),
         link=Link(h2d_gbps=8.0, d2h_gbps=8.0, latency_s=1e-5),
         host=Host("test host", 8, 64 * GIB, host_bw_gbps, {"bf16": 0.4, "fp32": 0.4}, op_overhead_s=host_op_s,
-                  bus_gbps=1000.0),
+                  bus_gbps=bus_gbps),
         source=Source("datasheet"))
 
 
@@ -90,9 +92,10 @@ def test_agrees_with_ilp_where_its_model_is_exact(seed):
 
 
 def test_agrees_with_an_ilp_solution():
-    """A plan the MILP chose under memory pressure (host too slow for any cpu placement)."""
+    """A plan the MILP chose under memory pressure (host compute too slow for any cpu
+    placement; copies still draw on the memory bus)."""
     spec = _spec(layers=6)
-    scn = _scenario(spec, _profile(vram_bytes=36 * MIB, host_bw_gbps=0.05, host_op_s=1e-3))
+    scn = _scenario(spec, _profile(vram_bytes=36 * MIB, host_bw_gbps=0.05, host_op_s=1e-3, bus_gbps=20.0))
     solution = solve_placement(scn, SolverOptions(time_limit_s=20))
     placement = solution.placement
     assert set(placement.devices.values()) == {"gpu", "stream"}, "precondition: some streamed, none on the cpu"
