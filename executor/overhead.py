@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from planner.cost.options import attention_prefill_flops, elementwise_bytes
+from planner.cost.attention import attention_prefill_flops
+from planner.cost.options import elementwise_bytes
 from planner.model.spec import ModelSpec
 
 from .attention import HybridKVCache

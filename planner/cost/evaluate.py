@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from planner.cost.options import KVOption, Scenario, TensorOption, head_fixed, kv_options, layer_fixed, tensor_options
+from planner.cost.attention import kv_options
+from planner.cost.options import KVOption, Scenario, TensorOption, head_fixed, layer_fixed, tensor_options
 from planner.cost.terms import (acc_workspace_bytes, draft_prefill_s, draft_step_s, draft_vram_bytes,
                          host_staging_bytes)
 from planner.errors import PlanError

@@ -18,13 +18,11 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from planner.hardware.profile import HardwareProfile
-from planner.cost.membus import kv_bus_s, weight_bus
-from planner.cost.roofline import (PathCost, acc_op_s, d2h_s, expected_tokens_per_step, h2d_s, host_attention_s, host_op_s,
-                       parallel, touched_fraction)
+from planner.cost.membus import weight_bus
+from planner.cost.roofline import (PathCost, acc_op_s, d2h_s, expected_tokens_per_step, h2d_s, host_op_s, parallel,
+                                   touched_fraction)
 from planner.model.spec import DTYPE_BYTES, ModelSpec, TensorSpec, Workload
 
-# Host fraction levels offered to the ILP for each layer's KV cache (oldest tokens first).
-KV_LEVELS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 # Element-wise operators per decoder layer (2 norms, rotary, 2 residual adds, activation,
 # gate product, cache append): each costs one operator overhead on the accelerator, when the
 # profile has no measured per-layer overhead.
@@ -237,18 +235,6 @@ def _with_bus(scn: Scenario, o: TensorOption, read_decode_bytes: float, read_pre
                    decode_fetch_slow_s=bus.slow_decode_s, prefill_fetch_slow_s=bus.slow_prefill_s)
 
 
-def mean_host_tokens(host_tokens: float, start: float, end: float) -> float:
-    """Mean of min(host_tokens, depth) as the cache depth grows linearly from start to end."""
-    if end <= start:
-        return min(host_tokens, start)
-    if host_tokens >= end:
-        return (start + end) / 2.0
-    if host_tokens <= start:
-        return host_tokens
-    below = (host_tokens ** 2 - start ** 2) / 2.0  # integral of depth from start to host_tokens
-    return (below + host_tokens * (end - host_tokens)) / (end - start)
-
-
 def matmul_rows(scn: Scenario, t: TensorSpec, phase: str) -> int:
     """Rows through `t`: prefill runs lm_head on the last position of each sequence only."""
     if phase != "prefill":
@@ -259,100 +245,6 @@ def matmul_rows(scn: Scenario, t: TensorSpec, phase: str) -> int:
 def activation_transfer_s(scn: Scenario, t: TensorSpec, rows: int) -> tuple[float, float]:
     """(d2h of the input [rows, cols], h2d of the output [rows, rows_out]) around host work on `t`."""
     return (d2h_s(scn.profile, rows * t.cols * scn.act_bytes), h2d_s(scn.profile, rows * t.rows * scn.act_bytes))
-
-
-@dataclass(frozen=True)
-class AttentionParts:
-    """One layer's decode attention, piece by piece (cost.attention_decode sums these)."""
-
-    device_s: float  # accelerator, over device-resident keys
-    q_down_s: float  # d2h of q
-    host_s: float  # host attention over host-resident keys
-    out_up_s: float  # h2d of O_c and L_c
-    merge_s: float  # log-sum-exp merge on the accelerator
-
-
-def split_merge_s(profile: HardwareProfile) -> float:
-    """Fixed cost of splitting a layer's decode attention: the measured coordination overhead
-    when the profile has it, else the two operators of the log-sum-exp merge."""
-    a = profile.accelerator
-    return a.split_overhead_s if a.split_overhead_s > 0 else 2 * a.op_overhead_s
-
-
-def attention_decode_parts(scn: Scenario, host_fraction: float) -> AttentionParts:
-    """One layer's decode attention with `host_fraction` of the cache on the host, piece by
-    piece (the simulator schedules the pieces; attention_decode combines them)."""
-    spec, wl = scn.spec, scn.workload
-    start, end = float(wl.prompt), float(wl.prompt + wl.gen)
-    host_tokens = mean_host_tokens(host_fraction * wl.context, start, end)
-    device_tokens = (start + end) / 2.0 - host_tokens
-    rows = scn.decode_rows
-    flops_per_key = 4.0 * spec.heads * spec.head_dim * rows
-    kv_per_key = wl.batch * spec.mean_kv_bytes_per_token_layer(wl.context)
-    device_s = 0.0
-    if device_tokens > 0 or host_tokens == 0:
-        device_s = acc_op_s(scn.profile, scn.compute_dtype, flops_per_key * device_tokens, kv_per_key * device_tokens)
-    if host_fraction == 0:
-        return AttentionParts(device_s, 0.0, 0.0, 0.0, 0.0)
-    q_bytes = rows * spec.heads * spec.head_dim * scn.act_bytes
-    out_bytes = rows * spec.heads * (spec.head_dim + 1) * 4  # O_c and L_c in fp32
-    host_s = host_attention_s(scn.profile, spec.dtype, flops_per_key * host_tokens, kv_per_key * host_tokens)
-    merge_s = split_merge_s(scn.profile) if device_tokens > 0 else 0.0
-    return AttentionParts(device_s, d2h_s(scn.profile, q_bytes), host_s, h2d_s(scn.profile, out_bytes), merge_s)
-
-
-def attention_decode(scn: Scenario, host_fraction: float) -> PathCost:
-    """One layer's attention for one decode step: the device part in parallel with the host
-    part and its transfers, then the merge."""
-    parts = attention_decode_parts(scn, host_fraction)
-    if host_fraction == 0:
-        return PathCost(acc_s=parts.device_s)
-    cpu_side = PathCost(cpu_s=parts.host_s, xfer_s=parts.q_down_s + parts.out_up_s)
-    if parts.merge_s == 0.0:  # everything on the host
-        return cpu_side
-    return parallel(PathCost(acc_s=parts.device_s), cpu_side) + PathCost(acc_s=parts.merge_s)
-
-
-def attention_prefill(scn: Scenario, host_fraction: float) -> PathCost:
-    """Prefill attention runs on the accelerator (all keys are fresh there); the host part of
-    the new K/V is then copied down."""
-    spec, wl = scn.spec, scn.workload
-    p = wl.prompt
-    flops = attention_prefill_flops(spec.heads, spec.head_dim, wl.batch, p)
-    kv_bytes = wl.batch * p * spec.mean_kv_bytes_per_token_layer(wl.context)
-    qo_bytes = 2 * wl.batch * p * spec.heads * spec.head_dim * scn.act_bytes
-    a = scn.profile.accelerator
-    if a.attention_tflops > 0:  # measured on the executor's causal attention
-        cost = PathCost(acc_s=a.op_overhead_s + max(flops / (a.attention_tflops * 1e12),
-                                                    (kv_bytes + qo_bytes) / (a.mem_bw_gbps * 1e9)))
-    else:
-        cost = PathCost(acc_s=acc_op_s(scn.profile, scn.compute_dtype, flops, kv_bytes + qo_bytes))
-    host_tokens = min(host_fraction * wl.context, p)
-    if host_tokens > 0:
-        host_kv_bytes = wl.batch * host_tokens * spec.mean_kv_bytes_per_token_layer(wl.context)
-        cost += PathCost(xfer_s=d2h_s(scn.profile, host_kv_bytes))
-    return cost
-
-
-def kv_options(scn: Scenario) -> list[KVOption]:
-    """One option per host-fraction level; identical for every layer of a model."""
-    wl = scn.workload
-    # Per layer on average: sliding-window layers hold at most their window.
-    kv_token_bytes = scn.spec.mean_kv_bytes_per_token_layer(wl.context)
-    full_kv_bytes = int(round(wl.batch * wl.context * kv_token_bytes))
-    kv_per_key = wl.batch * kv_token_bytes
-    mean_keys = wl.prompt + wl.gen / 2.0  # the cache depth averaged over decode
-    options = []
-    for c in KV_LEVELS:
-        host_bytes = int(round(c * full_kv_bytes))
-        out_bytes = scn.decode_rows * scn.spec.heads * (scn.spec.head_dim + 1) * 4  # O_c, L_c in fp32
-        host_keys = mean_host_tokens(c * wl.context, float(wl.prompt), float(wl.context))
-        options.append(KVOption(c, attention_decode(scn, c), attention_prefill(scn, c),
-                                h2d_s(scn.profile, out_bytes) if c > 0 else 0.0,
-                                full_kv_bytes - host_bytes, host_bytes,
-                                kv_bus_s(scn.profile, kv_per_key * host_keys,
-                                         kv_per_key * (mean_keys - host_keys))))
-    return options
 
 
 def layer_dispatch_s(profile: HardwareProfile) -> float:
@@ -377,11 +269,6 @@ def elementwise_bytes(hidden: int, intermediate: int, rows: float, act_bytes: in
     adds, activation, gate product): `rows` x (6 hidden + 3 intermediate) elements. The
     profiler rates the executor's real operators against this same count (elementwise_gbps)."""
     return rows * (6 * hidden + 3 * intermediate) * act_bytes
-
-
-def attention_prefill_flops(heads: int, head_dim: int, batch: int, prompt: int) -> float:
-    """Causal attention over a fresh prompt: QKᵀ and PV over the lower triangle."""
-    return 4.0 * heads * head_dim * batch * prompt * (prompt + 1) / 2.0
 
 
 def layer_fixed(scn: Scenario, rows: int) -> PathCost:

@@ -3,8 +3,8 @@ staging memory, and the draft model's memory and time. The ILP treats them as co
 
 from __future__ import annotations
 
-from planner.cost.options import (Scenario, matmul_on_acc, attention_decode, attention_prefill, head_fixed,
-                   layer_fixed)
+from planner.cost.attention import attention_decode, attention_prefill
+from planner.cost.options import Scenario, head_fixed, layer_fixed, matmul_on_acc
 
 
 def acc_workspace_bytes(scn: Scenario) -> int:

@@ -40,7 +40,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 from planner.cost.evaluate import Prediction, chosen_options, find_option, option_tables, predict
-from planner.cost.options import Scenario, activation_transfer_s, attention_decode_parts, compensation_branch, matmul_rows
+from planner.cost.attention import attention_decode_parts
+from planner.cost.options import Scenario, activation_transfer_s, compensation_branch, matmul_rows
 from planner.cost.roofline import PathCost, h2d_s
 from planner.errors import OffplanError
 from planner.hardware.profile import HardwareProfile

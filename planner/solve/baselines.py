@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cost.options import KV_LEVELS, Scenario
+from planner.cost.attention import KV_LEVELS
+from planner.cost.options import Scenario
 from planner.model.placement import Placement
 from planner.cost.evaluate import OptionTables, Prediction, evaluate, option_tables
 

@@ -9,7 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from planner.cost.options import KV_LEVELS, Scenario, attention_decode, kv_options, mean_host_tokens, tensor_options
+from planner.cost.attention import KV_LEVELS, attention_decode, kv_options, mean_host_tokens
+from planner.cost.options import Scenario, tensor_options
 from planner.hardware.profile import flops_for, load_profile
 from planner.model.presets import preset
 from planner.cost.roofline import (acc_op_s, d2h_s, expected_tokens_per_step, h2d_s, host_attention_s, host_op_s,
@@ -318,8 +319,9 @@ def test_measured_size_factor_slows_small_matrices():
 
 
 def test_measured_dispatch_overheads_replace_the_operator_count():
-    from planner.cost.options import (CHARGED_OPS_PER_HEAD, CHARGED_OPS_PER_LAYER, ELEMENTWISE_OPS_PER_LAYER, head_dispatch_s,
-                              layer_dispatch_s, split_merge_s)
+    from planner.cost.attention import split_merge_s
+    from planner.cost.options import (CHARGED_OPS_PER_HEAD, CHARGED_OPS_PER_LAYER, ELEMENTWISE_OPS_PER_LAYER,
+                                      head_dispatch_s, layer_dispatch_s)
     p = load_profile("rtx4090")
     a = p.accelerator
     assert layer_dispatch_s(p) == pytest.approx(ELEMENTWISE_OPS_PER_LAYER * a.op_overhead_s)
@@ -362,8 +364,8 @@ def test_quantized_matrices_read_at_the_measured_packed_speed():
 
 
 def test_measured_prefill_rates_replace_bandwidth_and_matmul_peak():
-    from planner.cost.options import (attention_prefill, attention_prefill_flops, elementwise_bytes, layer_dispatch_s,
-                              layer_fixed)
+    from planner.cost.attention import attention_prefill, attention_prefill_flops
+    from planner.cost.options import elementwise_bytes, layer_dispatch_s, layer_fixed
     p = load_profile("rtx4090")
     spec = _spec()
     wl = Workload(1, 512, 16)

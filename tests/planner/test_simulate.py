@@ -11,15 +11,16 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from planner.cost.options import KV_LEVELS, Scenario, attention_decode, tensor_options
+from planner.cost.attention import KV_LEVELS, attention_decode, attention_decode_parts
+from planner.cost.options import Scenario, tensor_options
 from planner.cli.render_gantt import gantt, summary_table
 from planner.hardware.profile import Accelerator, HardwareProfile, Host, Link, Source, load_profile
 from planner.solve.ilp import SolverOptions, solve_placement
 from planner.model.placement import Placement
 from planner.plan.record import make_plan
-from planner.cost.options import activation_transfer_s, attention_decode_parts, matmul_rows
+from planner.cost.options import activation_transfer_s, matmul_rows
 from planner.simulate.engine import SimulationError, _Op, _schedule, simulate_plan
-from planner.simulate.events import RESOURCES, STREAM_PREFIX, Event
+from planner.simulate.events import KINDS, RESOURCES, STREAM_PREFIX, Event
 from planner.model.spec import ModelSpec, Quantization, Workload
 from planner.simulate.trace import (TraceError, decode_step_events, read_trace, to_chrome_trace, whole_workload_events,
                            workload_metadata, write_trace)
@@ -329,4 +330,4 @@ def test_gantt_and_summary_render():
     assert set(accelerator.split()[1]) & set("Aa")  # its bins show accelerator compute
     legend = next(line for line in rows if "weight streaming" in line) + " " + next(line for line in rows if "idle" in line)
     marks = [word for word in legend.split() if len(word) == 1]
-    assert len(set(marks)) == len(marks) == 5  # every kind and idle has its own mark, colour or not
+    assert len(set(marks)) == len(marks) == len(KINDS) + 1  # every kind and idle has its own mark, colour or not
