@@ -35,13 +35,13 @@ from planner.hardware.profile import load_profile, with_overrides
 from planner.solve.ilp import solve_placement
 from planner.model.modelfile import load_model_file
 from planner.model.placement import uniform_placement
+from planner.units import error_pct
 from planner.plan.record import load_plan, make_plan, save_plan
 from planner.model.spec import Workload
 from planner.units import GIB
 
 from planner.simulate.engine import simulate_plan
 
-from executor.run import error_pct
 
 
 def loopback_profile(path: str | None, threads: int):
@@ -118,7 +118,7 @@ def main() -> None:
     console = Console(width=120)
     console.print(table)
     console.print("error = ILP prediction vs measurement, of decode tokens/s and of time to first token; "
-                  "simulated = the plan replayed as events (host-memory contention is not simulated)")
+                  "simulated = the plan replayed as events (the host memory bus as the ILP counts it, per stage)")
     console.print(f"median |error| decode tok/s: {statistics.median(decode_errors):.1f}% over {len(decode_errors)} "
                   f"plans; time to first token: {statistics.median(ttft_errors):.1f}%")
 

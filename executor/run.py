@@ -116,11 +116,6 @@ def _planned_vram(p: PredictedSummary) -> int:
     return v.weights_bytes + v.kv_bytes + v.buffer_bytes + v.draft_bytes
 
 
-def error_pct(predicted: float, measured: float) -> float:
-    """Signed error of the prediction relative to the measurement, in percent."""
-    return 100.0 * (predicted - measured) / measured if measured else float("nan")
-
-
 def check_runnable(plan: Plan, devices: Devices) -> None:
     """Refuse a plan this executor cannot run, or made for hardware this machine does not have
     (DESIGN §7), before anything is loaded."""

@@ -91,3 +91,9 @@ def fmt_seconds(t_s: float) -> str:
     if t_s < 120:
         return f"{t_s:.2f} s"
     return f"{int(t_s // 60)} min {int(t_s % 60)} s"
+
+
+def error_pct(predicted: float, measured: float) -> float | None:
+    """Signed error of a prediction relative to its measurement, in percent; None when
+    nothing was measured."""
+    return 100.0 * (predicted - measured) / measured if measured else None

@@ -19,9 +19,8 @@ from planner.cli.help import OffplanGroup, offplan_version
 from planner.cli.llamacpp_cmds import QuantOpt, predict, solve_llamacpp_command
 from planner.cost.runtime import runtime_named
 from planner.cli.run_cmds import acceptance, profile, run, sensitivity
-from planner.cost.options import Scenario
 from planner.hardware.profile import load_profile, shipped_profile_names
-from planner.solve.ilp import SolverOptions, solve_placement
+from planner.solve.ilp import SolverOptions
 from planner.plan.record import save_plan
 from planner.cli.render import model_line, plan_json, render_solve
 from planner.errors import OffplanError
@@ -159,15 +158,16 @@ def compare_hardware(
     """Solve the best plan on each profile and compare them in one table."""
     from planner.errors import InfeasiblePlanError, SolverStoppedError
     from planner.cli.render_compare import hardware_table
+    from planner.solve.entry import SolveRequest, solve_model
     model_file = load_model(model)
     rows = []
     for name in hw:
         profile = load_hardware(name, vram, ram, host_bw)
-        workload = resolve_workload(model_file, prompt, gen, batch)
-        scn = Scenario(model_file.spec, profile, workload)
+        request = SolveRequest(model_file, profile, resolve_workload(model_file, prompt, gen, batch),
+                               SolverOptions(time_limit_s=time_limit), drafts=False)
         try:
             with console.status(f"solving for {profile.name}...", spinner="dots") if not json_out else _nullcontext():
-                solution = solve_placement(scn, SolverOptions(time_limit_s=time_limit))
+                solution = solve_model(request).solution
             rows.append((name, profile, solution.prediction, ""))
         except SolverStoppedError as exc:  # nothing is known about fitting: not a "no" row
             raise SolverStoppedError(f"--hw {name}: {exc}") from None

@@ -6,7 +6,7 @@ from rich.table import Table
 
 from planner.cli.render_fit import FitTable
 
-from planner.units import fmt_bytes, fmt_seconds
+from planner.units import error_pct, fmt_bytes, fmt_seconds
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -28,7 +28,7 @@ def comparison_table(rows: list[tuple[str, float, float, str]], title: str) -> F
         if not measured:
             table.add_row(name, _fmt(predicted, unit), _fmt(measured, unit), "-")
             continue
-        error = 100.0 * (predicted - measured) / measured
+        error = error_pct(predicted, measured)
         style = "green" if abs(error) <= 15 else ("yellow" if abs(error) <= 30 else "red")
         table.add_row(name, _fmt(predicted, unit), _fmt(measured, unit), f"[{style}]{error:+.1f}%[/]")
     return FitTable(table)
@@ -40,7 +40,7 @@ def stage_table(stages) -> FitTable:
     for col in ("predicted", "measured", "error", "host\nattention"):
         table.add_column(col, justify="right", no_wrap=True)
     for s in stages:
-        error = f"{100.0 * (s.predicted_s - s.measured_s) / s.measured_s:+.1f}%" if s.measured_s else "-"
+        error = f"{error_pct(s.predicted_s, s.measured_s):+.1f}%" if s.measured_s else "-"
         table.add_row(s.name, fmt_seconds(s.predicted_s), fmt_seconds(s.measured_s), error,
                       fmt_seconds(s.host_attention_s) if s.host_attention_s else "-")
     return FitTable(table)

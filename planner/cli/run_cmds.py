@@ -14,7 +14,7 @@ from planner.cli.common import (GenOpt, PromptOpt, ThreadsOpt, check_out_path, c
                                  load_plan_file)
 from planner.errors import OffplanError
 from planner.cli.render import model_line
-from planner.units import fmt_bytes, fmt_seconds
+from planner.units import error_pct, fmt_bytes, fmt_seconds
 
 
 def run(
@@ -87,7 +87,7 @@ def run_report_json(report) -> dict:
         "model": report.plan.model.name, "profile": report.plan.profile.name, "device": report.device,
         "workload": vars(report.workload),
         "comparisons": [{"metric": n, "predicted": p, "measured": v, "unit": u,
-                         "error_pct": 100.0 * (p - v) / v if v else None} for n, p, v, u in report.comparisons()],
+                         "error_pct": error_pct(p, v)} for n, p, v, u in report.comparisons()],
         "measured": {k: v for k, v in to_dict(m).items() if k not in ("events",)},
         "predicted": to_dict(report.predicted),
     }

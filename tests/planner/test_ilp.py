@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import planner.cost.options
+import planner.cost.attention
 from assets.random_instances import (
     GIB, brute_force, memory_span, n_combinations, random_profile, random_spec, resident_vram_bytes, restrict,
     tight_instance, with_memory)
@@ -83,7 +83,7 @@ def test_ilp_matches_brute_force_on_random_option_subsets(seed):
 def test_ilp_matches_brute_force_with_every_option(seed, monkeypatch):
     """One layer, plain MLP (7 weight tensors with all 4 options, the embedding with 2) and two
     KV levels: 65536 combinations, none left out."""
-    monkeypatch.setattr(planner.cost.options, "KV_LEVELS", (0.0, 0.5))
+    monkeypatch.setattr(planner.cost.attention, "KV_LEVELS", (0.0, 0.5))
     rng = random.Random(seed)
     inst = tight_instance(rng, spec=random_spec(rng, layers=1, ffn="plain", quantized=False, scale=4),
                           below_resident=True)

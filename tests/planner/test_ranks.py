@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from assets.random_instances import GIB, memory_span, n_combinations, random_profile, random_spec, with_memory
-from planner.cost import options as cost
+from planner.cost import attention
 from planner.cost.compensation import compensation_time
 from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError, OffplanError, SpecError
@@ -218,7 +218,7 @@ def instances():
     """seed -> (scenario, restricted tables, every fitting combination), with two KV levels."""
     out = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cost, "KV_LEVELS", (0.0, 1.0))
+        patch.setattr(attention, "KV_LEVELS", (0.0, 1.0))
         for seed in SEEDS:
             scn, tables = _instance(seed)
             out[seed] = scn, tables, _enumerate(tables)
