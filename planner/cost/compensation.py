@@ -37,7 +37,7 @@ def compensation_time(tables: OptionTables, placement: Placement) -> Compensatio
     scn = tables.scenario
     tensor, kv = chosen_options(tables, placement)
     prediction = predict(tables, tensor, kv)
-    up = tables.runtime.term("decode", "activations up")  # the correction sent up
+    up = tables.rule.term("decode", "activations up")  # the correction sent up
     count, branch_total, exposed = 0, 0.0, 0.0
     for stage, timing in zip(tables.stages, prediction.stages):
         share = dict.fromkeys(OPERANDS, 0.0)  # what the branches add to each operand of this stage

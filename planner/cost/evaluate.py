@@ -16,7 +16,7 @@ from planner.cost.terms import (acc_workspace_bytes, draft_prefill_s, draft_step
 from planner.errors import PlanError
 from planner.model.placement import Placement, check_placement
 from planner.cost.roofline import PathCost
-from planner.cost.stage import EXECUTOR, PHASES, Item, Runtime, StageSum, stage_sum, start_s, term_sums
+from planner.cost.stage import OFFPLAN_RULE, PHASES, Item, StageRule, StageSum, stage_sum, start_s, term_sums
 from planner.model.spec import TensorSpec
 
 RESOURCES = ("accelerator", "cpu", "transfers", "link", "memory")
@@ -47,10 +47,10 @@ class OptionTables:
     kv: list[KVOption]
     fixed_decode: dict[str, PathCost]  # stage name -> element-wise work
     fixed_prefill: dict[str, PathCost]
-    runtime: Runtime = EXECUTOR  # how stages overlap their work (planner/cost/stage.py)
+    rule: StageRule = OFFPLAN_RULE  # how stages overlap their work (planner/cost/stage.py)
 
 
-def option_tables(scn: Scenario, runtime: Runtime = EXECUTOR) -> OptionTables:
+def option_tables(scn: Scenario, rule: StageRule = OFFPLAN_RULE) -> OptionTables:
     spec, stages = scn.spec, stages_of(scn.spec)
     # Layers repeat: a tensor's options depend on its shape (and, for an expert bank, its
     # layer's routing), not its name, so each distinct one is computed once.
@@ -69,7 +69,7 @@ def option_tables(scn: Scenario, runtime: Runtime = EXECUTOR) -> OptionTables:
         else:
             fixed_decode[st.name] = layer_fixed(scn, scn.decode_rows)
             fixed_prefill[st.name] = layer_fixed(scn, scn.prefill_rows)
-    return OptionTables(scn, stages, tensor, kv_options(scn), fixed_decode, fixed_prefill, runtime)
+    return OptionTables(scn, stages, tensor, kv_options(scn), fixed_decode, fixed_prefill, rule)
 
 
 @dataclass(frozen=True)
@@ -255,18 +255,18 @@ def stage_items(tables: OptionTables, stage: Stage, tensor: dict[str, TensorOpti
 def predict(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOption]) -> Prediction:
     """Aggregate chosen options into a Prediction: the stage rule of planner/cost/stage.py
     over every stage, as the ILP encodes it."""
-    scn, stages, runtime = tables.scenario, tables.stages, tables.runtime
+    scn, stages, rule = tables.scenario, tables.stages, tables.rule
     n = len(stages)
     sums, hidden = {}, {}
     for phase in PHASES:
         items = [stage_items(tables, st, tensor, kv, phase) for st in stages]
-        sums[phase] = [term_sums(runtime, phase, its) for its in items]
+        sums[phase] = [term_sums(rule, phase, its) for its in items]
         hidden[phase] = [sum(getattr(i, phase).hidden_cpu_s for i in its if not isinstance(i, PathCost))
                          for its in items]
 
     def summed(i: int, phase: str) -> StageSum:
-        nxt = runtime.following(i, n, phase)
-        return stage_sum(runtime, phase, sums[phase][i], sums[phase][nxt] if nxt is not None else None,
+        nxt = rule.following(i, n, phase)
+        return stage_sum(rule, phase, sums[phase][i], sums[phase][nxt] if nxt is not None else None,
                          hidden[phase][i])
 
     times = tuple(StageTime(st.name, summed(i, "decode"), summed(i, "prefill")) for i, st in enumerate(stages))
@@ -275,7 +275,7 @@ def predict(tables: OptionTables, tensor: dict[str, TensorOption], kv: list[KVOp
     recov = [o.recovered for o in tensor.values() if scn.spec.quantization and o.device != "cpu"]
     quantized = [t for t in scn.spec.tensors() if t.group in ("attn", "mlp")]
     recovered = sum(recov) / len(quantized) if scn.spec.quantization and quantized else 0.0
-    return Prediction(times, start_s(runtime, "prefill", sums["prefill"][0]), draft_step_s(scn),
+    return Prediction(times, start_s(rule, "prefill", sums["prefill"][0]), draft_step_s(scn),
                       draft_prefill_s(scn), scn.expected_tokens, scn.workload.batch, scn.decode_steps, vram, host,
                       recovered)
 

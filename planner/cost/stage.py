@@ -20,23 +20,25 @@ planner/cost/evaluate.py (numbers), planner/solve/ilp.py (linear expressions ove
 option variables), planner/cost/compensation.py (what the branches add) and
 planner/simulate/engine.py (the memory operand and the lagged compute as stage events).
 
-A `Runtime` is the data the rule takes: the terms, the phases that wrap around (decode: the
+A `StageRule` is the data the rule takes: the terms, the phases that wrap around (decode: the
 head is followed by layer 0 of the next step) and what the first stage waits for before a
-phase that does not wrap starts. offplan's executor is `EXECUTOR`. Another runtime is a
-different tuple, e.g. one that copies host-held weights for prompt batches one layer at a
-time without overlap moves the prefill `prefetch` term to `operand="path", lag=0`:
-`replace(EXECUTOR, terms=tuple(replace(t, operand="path", lag=0) if t.key == ("prefill",
-"prefetch") else t for t in EXECUTOR.terms))`. A new cost term is one more `Term` below
-(and its field on the options).
+phase that does not wrap starts. A runtime's overlap behaviour is a rule, derived from its
+description (planner/cost/runtime.py) by `rule_for`: offplan's executor overlaps copies with
+compute (`OFFPLAN_RULE`); a runtime that copies host-held weights for prompt batches one
+layer at a time before computing (llama.cpp) gets the prefill `prefetch` term on its own
+stage's path (`operand="path", lag=0`). A new cost term is one more `Term` below (and its
+field on the options); a new overlap rule is a new `StageRule`, not a branch in the code
+that reads it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from planner.cost.options import KVOption, TensorOption
 from planner.cost.roofline import PathCost
+from planner.cost.runtime import Runtime
 
 PHASES = ("decode", "prefill")
 OPERANDS = ("path", "link", "memory")  # in this order: ties go to the earlier one
@@ -95,7 +97,7 @@ TERMS: tuple[Term, ...] = (
 
 
 @dataclass(frozen=True)
-class Runtime:
+class StageRule:
     """How a runtime overlaps a stage's work: the data the stage-sum rule takes."""
 
     name: str
@@ -119,13 +121,23 @@ class Runtime:
 # offplan's executor: a copy thread prefetches the next stage into a second buffer while the
 # current one computes, through decode steps back to back; prefill waits for the first
 # stage's copy only (its bus traffic and the compute it slows are left out: nothing runs yet).
-EXECUTOR = Runtime("offplan", TERMS, cyclic_phases=("decode",), start_operands=("link",))
+OFFPLAN_RULE = StageRule("offplan", TERMS, cyclic_phases=("decode",), start_operands=("link",))
 
 
-def term_sums(runtime: Runtime, phase: str, items: Iterable[Item]) -> dict[Term, float]:
+def rule_for(runtime: Runtime) -> StageRule:
+    """The stage rule of `runtime`: a prefill copy that precedes its compute instead of
+    overlapping the stage before is charged to its own stage's path."""
+    if runtime.prefill_copy_overlapped:
+        return OFFPLAN_RULE if runtime.name == OFFPLAN_RULE.name else replace(OFFPLAN_RULE, name=runtime.name)
+    terms = tuple(replace(t, operand="path", lag=0) if t.key == ("prefill", "prefetch") else t
+                  for t in OFFPLAN_RULE.terms)
+    return StageRule(runtime.name, terms, OFFPLAN_RULE.cyclic_phases, ())
+
+
+def term_sums(rule: StageRule, phase: str, items: Iterable[Item]) -> dict[Term, float]:
     """Seconds of every term of `phase` over one stage's items."""
     items = list(items)
-    return {t: sum(t.of(item) for item in items) for t in runtime.phase_terms(phase)}
+    return {t: sum(t.of(item) for item in items) for t in rule.phase_terms(phase)}
 
 
 @dataclass(frozen=True)
@@ -168,19 +180,19 @@ class StageSum:
         return out
 
 
-def stage_sum(runtime: Runtime, phase: str, own: dict[Term, float], following: dict[Term, float] | None,
+def stage_sum(rule: StageRule, phase: str, own: dict[Term, float], following: dict[Term, float] | None,
               hidden_cpu_s: float = 0.0) -> StageSum:
     """The rule: lag-0 terms from the stage's own items, lag-1 terms from the following
     stage's (none when the phase ends with this stage)."""
-    terms = [(t, own[t]) for t in runtime.phase_terms(phase) if t.lag == 0]
+    terms = [(t, own[t]) for t in rule.phase_terms(phase) if t.lag == 0]
     if following is not None:
-        terms += [(t, following[t]) for t in runtime.phase_terms(phase) if t.lag == 1]
+        terms += [(t, following[t]) for t in rule.phase_terms(phase) if t.lag == 1]
     return StageSum(tuple(terms), hidden_cpu_s)
 
 
-def start_s(runtime: Runtime, phase: str, first: dict[Term, float]) -> float:
+def start_s(rule: StageRule, phase: str, first: dict[Term, float]) -> float:
     """What a phase that does not wrap around waits for before its first stage."""
-    if phase in runtime.cyclic_phases:
+    if phase in rule.cyclic_phases:
         return 0.0
-    return max((sum(first[t] for t in runtime.phase_terms(phase) if t.lag == 1 and t.operand == op)
-                for op in runtime.start_operands), default=0.0)
+    return max((sum(first[t] for t in rule.phase_terms(phase) if t.lag == 1 and t.operand == op)
+                for op in rule.start_operands), default=0.0)

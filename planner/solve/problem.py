@@ -4,7 +4,7 @@ Variables: one-hot binaries per tensor over its options (device x prefill mode x
 one-hot binaries per layer group over KV host-fraction levels, an epigraph variable per
 stage and phase for the max over the stage's operands, and the largest streamed stage
 (buffer size). Every stage constraint is the rule of planner/cost/stage.py read term by
-term, so a new term or a runtime with other overlap rules needs no edit here. Objective:
+term, so a new term or a rule with other overlap rules needs no edit here. Objective:
 prefill time + decode steps x step time. Times are in milliseconds and memory in GiB inside
 the model, to keep coefficients well scaled.
 """
@@ -123,7 +123,7 @@ class _Units:
     def operand(self, g: int, following: int | None, phase: str, operand: str):
         """The stage rule for one operand of unit g: its own lag-0 terms and the lag-1 terms
         of the unit after it (`following`). Seconds are summed per variable before scaling."""
-        terms = [t for t in self.tables.runtime.phase_terms(phase) if t.operand == operand]
+        terms = [t for t in self.tables.rule.phase_terms(phase) if t.operand == operand]
         const, coef = 0.0, {}
         for unit, lag in ((g, 0), (following, 1)):
             if unit is None:
@@ -157,12 +157,12 @@ def _phase_time(units: _Units, phase: str):
     """A phase's time: every unit's epigraph variable (inner ones once per layer of the group
     after the first) and, for a phase that does not wrap around, the wait before its first
     stage."""
-    runtime = units.tables.runtime
+    rule = units.tables.rule
     total = (pulp.lpSum((m - 1) * t for m, t in zip(units.sizes, units.t_inner[phase]))
              + pulp.lpSum(units.t_outer[phase]))
-    if phase in runtime.cyclic_phases or not runtime.start_operands:
+    if phase in rule.cyclic_phases or not rule.start_operands:
         return total
-    starts = [_lagged(units, 0, phase, op) for op in runtime.start_operands]
+    starts = [_lagged(units, 0, phase, op) for op in rule.start_operands]
     if len(starts) == 1:
         return total + starts[0]
     start = _new_var(units.prob, f"T_{phase}_start", low=0)
@@ -174,10 +174,10 @@ def _phase_time(units: _Units, phase: str):
 def _stage_constraints(units: _Units) -> None:
     """Each unit's epigraph variables bound every operand of the stage rule; inside a group a
     layer is followed by an identical one, the group's last layer by the next unit."""
-    prob, runtime, n = units.prob, units.tables.runtime, len(units)
+    prob, rule, n = units.prob, units.tables.rule, len(units)
     for g in range(n):
         for phase, op in _OUTER_ROWS:
-            prob += units.t_outer[phase][g] >= units.operand(g, runtime.following(g, n, phase), phase, op), \
+            prob += units.t_outer[phase][g] >= units.operand(g, rule.following(g, n, phase), phase, op), \
                 f"{phase}_{op}_{g}"
         if g < len(units.groups) and units.sizes[g] > 1:
             for phase, op in _INNER_ROWS:
@@ -187,7 +187,7 @@ def _stage_constraints(units: _Units) -> None:
 
 def _lagged(units: _Units, g: int, phase: str, operand: str):
     """Unit g's lag-1 terms on `operand`: what the stage before it waits for."""
-    terms = [t for t in units.tables.runtime.phase_terms(phase) if t.operand == operand and t.lag == 1]
+    terms = [t for t in units.tables.rule.phase_terms(phase) if t.operand == operand and t.lag == 1]
     return units.expr(g, lambda o: _read(terms, o))
 
 

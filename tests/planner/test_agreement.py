@@ -13,7 +13,9 @@ from dataclasses import replace
 import pytest
 
 from assets.random_instances import random_spec, tight_instance
-from planner.cost.evaluate import OptionTables, evaluate
+from planner.cost.evaluate import OptionTables, chosen_options, evaluate, predict
+from planner.cost.runtime import LLAMACPP, OFFPLAN
+from planner.cost.stage import OFFPLAN_RULE, rule_for
 from planner.errors import InfeasiblePlanError
 from planner.plan.record import make_plan
 from planner.simulate.engine import simulate_plan
@@ -51,3 +53,32 @@ def test_ilp_evaluate_and_simulator_agree_on_the_decode_step():
         slowed += any(s.decode.lagged_s("path") > 0 for s in predicted.stages)
     # The instances exercise what the check is about.
     assert solved >= 30 and memory_bound >= 3 and slowed >= 2, (solved, memory_bound, slowed)
+
+
+def test_a_runtime_is_data_to_the_stage_rule():
+    """llama.cpp copies host-held weights for a prompt batch before computing with them: its
+    rule charges the prefill copy to the stage's own path. The ILP and `evaluate` follow the
+    rule they are given, and agree under it."""
+    rule = rule_for(LLAMACPP)
+    assert rule_for(OFFPLAN) is OFFPLAN_RULE
+    assert rule.term("prefill", "prefetch").operand == "path" and rule.term("prefill", "prefetch").lag == 0
+    checked = 0
+    for seed in range(8):
+        rng = random.Random(seed)
+        inst = tight_instance(rng, spec=random_spec(rng, quantized=False), host_tight=False)
+        tables = replace(inst.tables, rule=rule)
+        try:
+            solution = solve_placement(inst.scenario, EXACT, tables)
+        except InfeasiblePlanError:
+            continue
+        tensor, kv = chosen_options(tables, solution.placement)
+        under_rule = predict(tables, tensor, kv)
+        assert solution.objective_s == pytest.approx(under_rule.total_s, rel=REL)
+        overlapped = predict(inst.tables, tensor, kv)
+        for stage, timing, before in zip(tables.stages, under_rule.stages, overlapped.stages):
+            copies = sum(tensor[t.name].prefill_link_s for t in stage.tensors)
+            assert timing.prefill.operand_s("path") == pytest.approx(before.prefill_path.total_s + copies,
+                                                                     rel=1e-12, abs=1e-15)
+        assert under_rule.prefill_start_s == 0.0
+        checked += 1
+    assert checked >= 4
