@@ -103,6 +103,13 @@ class StageTime:
     decode: StageSum
     prefill: StageSum
 
+    @classmethod
+    def of_paths(cls, name: str, decode: PathCost, prefill: PathCost) -> "StageTime":
+        """A stage that is only a compute path in each phase (nothing prefetched beside it)."""
+        def summed(phase: str, path: PathCost) -> StageSum:
+            return stage_sum(OFFPLAN_RULE, phase, term_sums(OFFPLAN_RULE, phase, [path]), None, path.hidden_cpu_s)
+        return cls(name, summed("decode", decode), summed("prefill", prefill))
+
     def phase(self, phase: str) -> StageSum:
         return self.decode if phase == "decode" else self.prefill
 

@@ -312,7 +312,7 @@ def evaluate_llamacpp(scn: LlamaScenario, lp: LlamaPlacement) -> Prediction:
         dec = dec + _times(one_switch_d, sw_d[i])
         for cost, counts in sw_p:
             pre = pre + _times(cost, counts[i])
-        stages.append(StageTime(f"layer {i}" if layer is not None else "head", dec, 0.0, pre, 0.0))
+        stages.append(StageTime.of_paths(f"layer {i}" if layer is not None else "head", dec, pre))
     vram, host = memory_llamacpp(scn, lp)
     return Prediction(tuple(stages), 0.0, 0.0, 0.0, 1.0, scn.workload.batch, scn.decode_steps, vram, host, 0.0)
 

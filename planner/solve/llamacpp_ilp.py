@@ -26,7 +26,8 @@ from planner.cost.llamacpp import (LlamaPlacement, LlamaScenario, attention_deco
                                    compute_buffer_bytes, evaluate_llamacpp, layer_sequence, memory_llamacpp,
                                    switch_costs, weight_decode, weight_prefill)
 from planner.errors import InfeasiblePlanError
-from planner.solve.ilp import SolverOptions, _new_var, pick_solver
+from planner.solve.ilp import SolverOptions, pick_solver
+from planner.solve.problem import new_var
 from planner.units import fmt_bytes
 
 MS, GIB = 1e3, float(2**30)
@@ -96,9 +97,9 @@ def build_llamacpp_problem(scn: LlamaScenario, margin_bytes: tuple[float, float]
     # together, as --n-cpu-moe moves them, so that a plan records exactly what was priced.
     by_member = {}
     for t in movable:
-        by_member.setdefault(t.members, _new_var(prob, f"gpu_{len(by_member)}", cat=pulp.LpBinary))
+        by_member.setdefault(t.members, new_var(prob, f"gpu_{len(by_member)}", cat=pulp.LpBinary))
     w = {t.name: by_member[t.members] for t in movable}
-    k = [_new_var(prob, f"kv_gpu_{i}", cat=pulp.LpBinary) for i in range(spec.layers)]
+    k = [new_var(prob, f"kv_gpu_{i}", cat=pulp.LpBinary) for i in range(spec.layers)]
     for a, b in zip(k, k[1:]):
         prob += a <= b  # -ngl offloads the last layers
     by_kind: dict[str, list] = {}
@@ -118,7 +119,7 @@ def build_llamacpp_problem(scn: LlamaScenario, margin_bytes: tuple[float, float]
     for cost_ms, weights_on_gpu in phases:
         for diff in _switch_terms(scn, w, k, weights_on_gpu):
             if isinstance(diff, tuple):  # |a - b| of two variable sums: an epigraph variable
-                y = _new_var(prob, f"switch_{len(prob.variables())}", low=0)
+                y = new_var(prob, f"switch_{len(prob.variables())}", low=0)
                 prob += y >= diff[0] - diff[1]
                 prob += y >= diff[1] - diff[0]
                 objective += cost_ms * y

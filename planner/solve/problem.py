@@ -73,7 +73,7 @@ def segment_groups(spec, max_groups: int) -> list[tuple[int, int]]:
     return dense + [(first + first_moe, size) for first, size in routed]
 
 
-def _new_var(prob: pulp.LpProblem, name: str, low: float | None = None, cat: str = pulp.LpContinuous):
+def new_var(prob: pulp.LpProblem, name: str, low: float | None = None, cat: str = pulp.LpContinuous):
     """A variable owned by `prob` (PuLP >= 3.3, and the only way from PuLP 4); free-standing
     on older PuLP."""
     add = getattr(prob, "add_variable", None)
@@ -96,15 +96,15 @@ class _Units:
                   for g, ts in enumerate(self.rep)]
         self.z = [self._one_hot(prob, f"kv_{g}", len(tables.kv)) for g in range(len(groups))]
         self.prob = prob
-        self.t_inner = {ph: [_new_var(prob, f"T_{ph}_inner_{g}", low=0) for g in range(len(groups))] for ph in PHASES}
-        self.t_outer = {ph: [_new_var(prob, f"T_{ph}_{g}", low=0) for g in range(len(self.rep))] for ph in PHASES}
-        self.buffer_gib = _new_var(prob, "largest_streamed_stage_gib", low=0)
+        self.t_inner = {ph: [new_var(prob, f"T_{ph}_inner_{g}", low=0) for g in range(len(groups))] for ph in PHASES}
+        self.t_outer = {ph: [new_var(prob, f"T_{ph}_{g}", low=0) for g in range(len(self.rep))] for ph in PHASES}
+        self.buffer_gib = new_var(prob, "largest_streamed_stage_gib", low=0)
         # 1 when anything computes on the host: the pinned activation staging is needed then.
-        self.host_compute = _new_var(prob, "host_compute", cat=pulp.LpBinary)
+        self.host_compute = new_var(prob, "host_compute", cat=pulp.LpBinary)
 
     @staticmethod
     def _one_hot(prob, prefix: str, n: int) -> list:
-        return [_new_var(prob, f"{prefix}_{k}", cat=pulp.LpBinary) for k in range(n)]
+        return [new_var(prob, f"{prefix}_{k}", cat=pulp.LpBinary) for k in range(n)]
 
     def __len__(self) -> int:
         return len(self.rep)
@@ -165,7 +165,7 @@ def _phase_time(units: _Units, phase: str):
     starts = [_lagged(units, 0, phase, op) for op in rule.start_operands]
     if len(starts) == 1:
         return total + starts[0]
-    start = _new_var(units.prob, f"T_{phase}_start", low=0)
+    start = new_var(units.prob, f"T_{phase}_start", low=0)
     for k, expr in enumerate(starts):
         units.prob += start >= expr, f"{phase}_start_{k}"
     return total + start
