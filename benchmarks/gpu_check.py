@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -177,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, help="prompt tokens (default 128 tiny, 256 1B)")
     parser.add_argument("--gen", type=int, help="generated tokens (default 16 tiny, 32 1B)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     devices = Devices.detect()
     name = torch.cuda.get_device_name() if devices.cuda else "loopback (CPU as the accelerator)"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     profile = get_profile(args.profile, args.threads, Path(args.out))
+    print(f"plans made for profile {profile.name}", flush=True)
     print(HEADER, flush=True)
     failures = 0
     for model_name, spec, workload in models(args):
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print("tok: tokens equal to the resident run's; ovl: share of decode copy time the accelerator computed")
     print("peak mem: " + ("peak reserved by PyTorch + held outside it; planned: plan + reserve" if devices.cuda
                           else "offplan's tensors on the loopback device; planned: weights + KV + buffers"))
+    print(f"gpu_check took {time.perf_counter() - started:.0f} s")
     return 1 if failures else 0
 
 
