@@ -18,7 +18,7 @@ from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOp
 from planner.cli.help import OffplanGroup, offplan_version
 from planner.cli.llamacpp_cmds import QuantOpt, predict, solve_llamacpp_command
 from planner.cost.runtime import runtime_named
-from planner.cli.run_cmds import acceptance, profile, run, sensitivity
+from planner.cli.run_cmds import acceptance, profile, routing, run, sensitivity
 from planner.cost.options import Scenario
 from planner.hardware.profile import load_profile, shipped_profile_names
 from planner.solve.ilp import SolverOptions, solve_placement
@@ -32,6 +32,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Plan and run LLMs on a GPU that is too small for them.")
 hw_app = typer.Typer(no_args_is_help=True, cls=OffplanGroup, help="Hardware profiles: list the shipped ones, show one.")
 app.add_typer(hw_app, name="hw")
+
+
+def _routing(path: Path | None, model_file, runtime: str, no_draft: bool) -> dict | None:
+    """The routing table of `solve --routing`, checked against the model."""
+    if path is None:
+        return None
+    if runtime_named(runtime).name == "llamacpp":
+        raise OffplanError("--routing: llama.cpp keeps a layer's experts together, so which experts are used "
+                           "does not change its plan; use it with --runtime offplan")
+    if model_file.drafts and not no_draft:
+        raise OffplanError("--routing: not combined with the model file's draft candidates yet; add --no-draft")
+    from planner.model.routing import load_routing
+    return load_routing(path, model_file.spec).layers
 
 
 def _print_version(value: bool) -> None:
@@ -69,10 +82,13 @@ def solve(
     slack: Annotated[float, typer.Option("--slack", help="With --quality max: allowed slow-down, 0.02 = 2%.")] = 0.02,
     rank_table: Annotated[Optional[Path], typer.Option("--rank-table", help="ranks.yaml from `offplan "
                                                                             "sensitivity`.")] = None,
+    routing_file: Annotated[Optional[Path], typer.Option("--routing", help="MoE models: routing.yaml from "
+                                                                           "`offplan routing`.")] = None,
 ) -> None:
     """Find the fastest placement that fits (and the best draft model), and say why."""
-    check_out_path(out, "--out", {"MODEL": model, "--hw": hw, "--rank-table": rank_table})
+    check_out_path(out, "--out", {"MODEL": model, "--hw": hw, "--rank-table": rank_table, "--routing": routing_file})
     model_file = load_model(model)
+    routing = _routing(routing_file, model_file, runtime, no_draft)
     profile = load_hardware(hw, vram, ram, host_bw, dram, cpu_cores)
     workload = resolve_workload(model_file, prompt, gen, batch)
     if runtime_named(runtime).name == "llamacpp":
@@ -109,7 +125,8 @@ def solve(
         plan = search_plan(search_result)
         solution = search_result.best.solution
     else:
-        scn = Scenario(model_file.spec, profile, workload, rank_choices=rank_choices, rank_recovery=rank_recovery)
+        scn = Scenario(model_file.spec, profile, workload, rank_choices=rank_choices, rank_recovery=rank_recovery,
+                       routing=routing)
         with console.status("solving placement ILP...", spinner="dots") if not json_out else _nullcontext():
             solution = solve_compensated(scn, options)
         plan = make_plan(scn, solution.placement, "ilp", solution.prediction, solution.solver, solution.status,
@@ -232,6 +249,7 @@ app.command()(run)
 app.command()(profile)
 app.command()(acceptance)
 app.command()(sensitivity)
+app.command()(routing)
 
 
 @app.command()

@@ -63,7 +63,7 @@ def layer_signature(plan: Plan, layer: int) -> str:
 
 
 def experts_phrase(plan: Plan, bank) -> str:
-    """'experts 38 of 128 gpu (61% of routed tokens)' for one layer's expert bank."""
+    """'experts: 38 of 128 on the GPU, taking 61% of routed tokens' for one layer's expert bank."""
     p = plan.placement
     if p.device(bank.name) == "stream":
         return f"experts {bank.experts} streamed"
@@ -71,7 +71,7 @@ def experts_phrase(plan: Plan, bank) -> str:
     if n in (0, bank.experts):
         return f"experts {'gpu' if n else 'cpu'}"
     share = plan.routed_share(bank, n)
-    return f"experts {n} of {bank.experts} gpu ({share:.0%} of routed tokens)"
+    return f"experts: {n} of {bank.experts} on the GPU, taking {share:.0%} of routed tokens"
 
 
 def placement_ranges(plan: Plan) -> list[tuple[str, str]]:
