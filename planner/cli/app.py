@@ -255,7 +255,8 @@ app.command()(routing)
 @app.command()
 def export(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
-    to: Annotated[str, typer.Option("--to", help="llamacpp (flags), hf (device_map JSON) or json (the plan).")] = "llamacpp",
+    to: Annotated[str, typer.Option("--to", help="llamacpp (flags), hf (device_map JSON), ktransformers (MoE "
+                                                 "flags of SGLang-KT) or json (the plan).")] = "llamacpp",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
 ) -> None:
     """Translate a plan for other runtimes (what they cannot express is said on stderr)."""
@@ -271,10 +272,14 @@ def export(
     elif to == "hf":
         device_map, notes = hf_device_map(plan)
         text = json.dumps(device_map, indent=1) + "\n"
+    elif to == "ktransformers":
+        from planner.plan.export_moe import ktransformers_args
+        args, notes = ktransformers_args(plan)
+        text = " ".join(shlex.quote(a) for a in args) + "\n"
     elif to == "json":
         text, notes = plan_json(plan) + "\n", []
     else:
-        raise OffplanError(f"--to {to!r}: choose llamacpp, hf or json")
+        raise OffplanError(f"--to {to!r}: choose llamacpp, hf, ktransformers or json")
     for note in notes:
         err_console.print(f"note: {note}", highlight=False)
     if out is None:

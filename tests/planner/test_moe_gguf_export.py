@@ -139,3 +139,17 @@ def test_hf_device_map_names_modules_the_model_has(family):
     assert set(device_map) <= modules
     assert device_map[f"model.layers.{spec.layers - 1}.mlp.experts"] == 0
     assert device_map["model.layers.1.mlp.experts"] == "cpu"
+
+
+def test_ktransformers_gets_one_resident_count_per_layer(tmp_path):
+    from planner.plan.export_moe import ktransformers_args
+    from planner.errors import PlanError
+    spec = spec_from_gguf(write_qwen3moe(tmp_path / "q.gguf"))
+    args, notes = ktransformers_args(_plan(spec, gpu_layers={2, 3}))  # 0, 0, 8, 8 experts resident
+    assert args == ["--kt-num-gpu-experts", "4", "--kt-expert-placement-strategy", "uniform"]
+    assert any("0-8 per layer become 4" in n for n in notes)
+    dense = spec_from_gguf(write_qwen3moe(tmp_path / "d.gguf"))
+    from dataclasses import replace
+    dense = replace(dense, moe=None, family="qwen3")
+    with pytest.raises(PlanError, match="no routed experts"):
+        ktransformers_args(_plan(dense, gpu_layers=set()))
