@@ -328,8 +328,12 @@ def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: Pre
         else:
             setattr(parent, attr, placed)
     if plan.model.tied_embeddings and placement.device("lm_head") != "gpu" and placement.device("embed_tokens") == "gpu":
-        # The lookup table is the lm_head weight, which lives on the host: look up there.
-        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight.detach(), devices, uplink)
+        # The lookup table is the lm_head weight, which lives on the host: look up there, in
+        # the head's own host copy when it is a float matrix (no second copy of the table).
+        head = model.lm_head
+        table = head.host_tensors[0] if isinstance(head, PlacedLinear) and isinstance(head.kernel, FloatKernel) \
+            else model.model.embed_tokens.weight.detach()
+        model.model.embed_tokens = HostEmbedding(table, devices, uplink)
     for name, param in model.named_parameters():
         if "norm" in name:
             param.data = param.data.to(devices.accelerator)

@@ -162,3 +162,18 @@ def test_a_plan_for_a_24_gib_card_is_refused_on_a_12_gib_card(monkeypatch):
     message = str(refused.value)
     assert "\n" not in message and "RTX 3060 has 11.5 GiB free of 12.0 GiB" in message
     check_memory(MemorySummary(8 * gib, gib, 0, gib // 4, 0, 0, gib // 2, 11 * gib), host, cuda)  # fits
+
+
+def test_tied_embeddings_look_up_in_the_streamed_heads_pooled_copy():
+    from executor.offload import HostEmbedding
+    spec = spec_of(tied_embeddings=True)
+    devices = {t.name: "stream" if t.name == "lm_head" else "gpu" for t in spec.tensors()}
+    plan = make_plan(Scenario(spec, PROFILE, Workload(1, 16, 6)), Placement(devices, (0.0,) * spec.layers), "test")
+    model = synthetic_model(spec, seed=0)
+    handle = apply_plan(model, plan, CPU, max_tokens=32)
+    try:
+        assert isinstance(model.model.embed_tokens, HostEmbedding)
+        assert model.model.embed_tokens.host_weight.data_ptr() == model.lm_head.host_tensors[0].data_ptr()
+        assert handle.pool.contains(model.model.embed_tokens.host_weight)
+    finally:
+        handle.close()
