@@ -176,6 +176,8 @@ def simulate(
                                                        "4MiB; 0 = whole tensors).")] = "4MiB",
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write a Chrome/Perfetto trace of the workload.")] = None,
     json_out: JsonOpt = False,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="llamacpp: the plan as llama.cpp would run it "
+                                                                     "(default for llama.cpp plans).")] = None,
 ) -> None:
     """Replay a plan as events on accelerator, link and CPU: Gantt of one decode step + summary."""
     from planner.cli.render_gantt import gantt, summary_table
@@ -185,6 +187,9 @@ def simulate(
     check_out_path(trace, "--trace", {"PLAN": plan_file, "--hw": hw})
     plan = load_plan_file(plan_file)
     profile = load_hardware(hw, vram, ram, host_bw) if hw else None
+    if (runtime_named(runtime).name == "llamacpp") if runtime else plan.runtime == "llamacpp":
+        from planner.cli.llamacpp_cmds import simulate_llamacpp
+        return simulate_llamacpp(plan, profile, json_out)
     if profile is None and (vram or ram or host_bw):
         from planner.hardware.profile import with_overrides
         profile = with_overrides(plan.profile, parse_bytes(vram, "--vram") if vram else None,
@@ -213,13 +218,19 @@ def compare_hardware(
     hw: Annotated[list[str], typer.Option("--hw", help="Profiles to compare (repeat the option).")],
     vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
     prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
-    time_limit: TimeLimitOpt = 10.0, json_out: JsonOpt = False,
+    time_limit: TimeLimitOpt = 10.0, json_out: JsonOpt = False, runtime: RuntimeOpt = "offplan",
 ) -> None:
     """Solve the best plan on each profile and compare them in one table."""
     from planner.errors import InfeasiblePlanError, SolverStoppedError
     from planner.cli.render_compare import hardware_table
     model_file = load_model(model)
     rows = []
+    if runtime_named(runtime).name == "llamacpp":
+        from planner.cli.llamacpp_cmds import solve_llamacpp_rows
+        rows = solve_llamacpp_rows(model_file, hw, lambda n: load_hardware(n, vram, ram, host_bw),
+                                   lambda m: resolve_workload(m, prompt, gen, batch),
+                                   SolverOptions(time_limit_s=time_limit))
+        hw = []
     for name in hw:
         profile = load_hardware(name, vram, ram, host_bw)
         workload = resolve_workload(model_file, prompt, gen, batch)
@@ -258,6 +269,9 @@ def export(
     to: Annotated[str, typer.Option("--to", help="llamacpp (flags), hf (device_map JSON), ktransformers (MoE "
                                                  "flags of SGLang-KT) or json (the plan).")] = "llamacpp",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="llamacpp: a llama-server command line for "
+                       "the nearest llama.cpp placement, with its predicted speed (default for plans solved "
+                       "with --runtime llamacpp).")] = None,
 ) -> None:
     """Translate a plan for other runtimes (what they cannot express is said on stderr)."""
     import shlex
@@ -266,7 +280,11 @@ def export(
     from planner.schema import atomic_write
     check_out_path(out, "--out", {"PLAN": plan_file})
     plan = load_plan_file(plan_file)
-    if to == "llamacpp":
+    llama_runtime = runtime_named(runtime).name == "llamacpp" if runtime else plan.runtime == "llamacpp"
+    if to == "llamacpp" and llama_runtime:
+        from planner.cli.llamacpp_cmds import export_llamacpp_text
+        text, notes = export_llamacpp_text(plan)
+    elif to == "llamacpp":
         args, notes = llamacpp_args(plan)
         text = " ".join(shlex.quote(a) for a in args) + "\n"
     elif to == "hf":

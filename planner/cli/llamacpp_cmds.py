@@ -153,3 +153,66 @@ def solve_llamacpp_command(model: str, model_file: ModelFile, profile, workload,
         console.print(baselines_table(rows))
     if out is not None:
         console.print(f"plan written to [bold]{out}[/]")
+
+
+def export_llamacpp_text(plan) -> tuple[str, list[str]]:
+    """`export --runtime llamacpp`: the llama-server line (and Ollama lines), notes with the
+    predicted llama.cpp figures for it."""
+    from planner.cost.llamacpp import evaluate_llamacpp
+    from planner.plan.llamacpp_command import llamacpp_command, ollama_lines
+    from planner.plan.llamacpp_plan import llamacpp_export
+    scn, lp, notes = llamacpp_export(plan)
+    cmd = llamacpp_command(scn, lp, f"{plan.model.name}.gguf")
+    pred = evaluate_llamacpp(scn, lp)
+    wl = scn.workload
+    notes.append(f"predicted for llama.cpp: pp{wl.prompt} {wl.batch * wl.prompt / pred.prefill_s:,.1f} tok/s, "
+                 f"tg{wl.gen} {pred.decode_tokens_per_s:,.2f} tok/s; GPU {fmt_bytes(pred.vram.used_bytes)} of "
+                 f"{fmt_bytes(pred.vram.capacity_bytes)}")
+    lines = [cmd.line()] + [f"# Ollama Modelfile: {line}" for line in ollama_lines(cmd, scn.ctx_tokens)]
+    return "\n".join(lines) + "\n", notes
+
+
+def simulate_llamacpp(plan, profile, json_out: bool) -> None:
+    """`simulate --runtime llamacpp`: llama.cpp runs each step after the other, so its timeline
+    is the per-stage sum; shown stage by stage with the resource each spends."""
+    from planner.cost.llamacpp import evaluate_llamacpp
+    from planner.plan.llamacpp_plan import llama_scenario
+    from planner.cost.llamacpp_place import from_placement
+    scn = llama_scenario(plan, profile)
+    lp, notes = from_placement(scn, plan.placement)
+    pred = evaluate_llamacpp(scn, lp)
+    if json_out:
+        print_json({"runtime": "llamacpp", "decode_step_s": pred.decode_step_s, "prefill_s": pred.prefill_s,
+                    "decode_bound": pred.bound("decode"), "prefill_bound": pred.bound("prefill"),
+                    "stages": [{"name": s.name, "decode_s": s.decode_s, "prefill_s": s.prefill_s,
+                                "gpu_s": s.decode_path.acc_s, "cpu_s": s.decode_path.cpu_s,
+                                "switch_s": s.decode_path.xfer_s} for s in pred.stages], "notes": notes})
+        return
+    for note in notes:
+        err_console.print(f"note: {note}", highlight=False)
+    t = Table(title=f"llama.cpp, one decode step of {plan.model.name} (steps run in sequence)",
+              title_justify="left")
+    for name in ("stage", "GPU ms", "CPU ms", "switch ms", "prefill ms"):
+        t.add_column(name, justify="left" if name == "stage" else "right")
+    for s in pred.stages:
+        p = s.decode_path
+        t.add_row(s.name, f"{p.acc_s * 1e3:.3f}", f"{p.cpu_s * 1e3:.3f}", f"{p.xfer_s * 1e3:.3f}",
+                  f"{s.prefill_s * 1e3:.1f}")
+    console.print(t)
+    console.print(f"decode step {pred.decode_step_s * 1e3:.2f} ms ({pred.decode_tokens_per_s:,.2f} tok/s, bound by "
+                  f"{pred.bound('decode')}); prefill {pred.prefill_s:.3f} s", highlight=False)
+
+
+def solve_llamacpp_rows(model_file: ModelFile, names: list[str], load, workload_for, options) -> list:
+    """`compare --runtime llamacpp`: the fastest llama.cpp placement on each profile."""
+    from planner.errors import InfeasiblePlanError
+    from planner.solve.llamacpp_ilp import solve_llamacpp
+    rows = []
+    for name in names:
+        profile = load(name)
+        scn = LlamaScenario(model_file.spec, profile, workload_for(model_file))
+        try:
+            rows.append((name, profile, solve_llamacpp(scn, options).prediction, ""))
+        except InfeasiblePlanError as exc:
+            rows.append((name, profile, None, str(exc)))
+    return rows

@@ -42,10 +42,12 @@ class LlamaCppFit:
     """What llama.cpp reaches where no datasheet says (fitted, see the module docstring)."""
 
     switch_s: float = 60e-6  # one change of backend in the graph: stream sync, copy call, CPU threads waking
-    token_s: float = 300e-6  # fixed cost per decode step (graph build, launches not hidden, sampling)
-    gpu_prefill_efficiency: float = 0.8  # share of the fp16 tensor peak prompt matmuls reach
-    cpu_prefill_efficiency: float = 0.5  # share of the host's best peak flops prompt matmuls reach
-    core_read_gbps: float = 20.0  # DRAM read rate one CPU thread sustains in a quantized GEMV
+    token_s: float = 0.0  # fixed cost per decode step (graph build, launches not hidden, sampling)
+    gpu_prefill_efficiency: float = 0.6  # share of the fp16 tensor peak prompt matmuls reach
+    cpu_prefill_efficiency: float = 0.15  # share of the host's best peak flops prompt matmuls reach
+    core_read_gbps: float = 30.0  # DRAM read rate one CPU thread sustains in a quantized GEMV
+    cpu_op_s: float = 20e-6  # per CPU-computed matmul or attention and pass: the threads' barrier and wake-up
+    cpu_expert_efficiency: float = 1.0  # expert banks' prompt matmuls on the CPU, relative to dense ones
 
 
 FIT = LlamaCppFit()
@@ -63,6 +65,11 @@ class LlamaCppSettings:
     threads: int = 0  # -t; 0 = every core
     cache_type_k: str = "F16"
     cache_type_v: str = "F16"
+    # False: builds before llama.cpp PR #6083 (March 2024), where host-held weights were
+    # multiplied by the CPU at every batch size.
+    offload_large_batches: bool = True
+    # True: builds of 2023, which computed logits for every prompt token, not only the last.
+    logits_all: bool = False
 
     @property
     def micro_batch(self) -> int:
@@ -170,7 +177,10 @@ def _matmul(scn: LlamaScenario, t: GgufTensor, rows: int, device: str) -> PathCo
     flops = t.flops_per_token * rows
     if device == "gpu":
         return PathCost(acc_s=roofline_s(flops, read, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, 0.0))
-    return PathCost(cpu_s=roofline_s(flops, read, host_flops(scn), host_read_gbps(scn) * 1e9, 0.0))
+    # Expert banks multiply a few rows per expert (rows x active / experts): the CPU kernels'
+    # blocking pays for it.
+    cpu_flops = host_flops(scn) * (scn.fit.cpu_expert_efficiency if t.kind.endswith("_exps") else 1.0)
+    return PathCost(cpu_s=roofline_s(flops, read, cpu_flops, host_read_gbps(scn) * 1e9, scn.fit.cpu_op_s))
 
 
 def weight_decode(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
@@ -180,7 +190,7 @@ def weight_decode(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
 
 
 def copied_to_gpu(scn: LlamaScenario, rows: int) -> bool:
-    return scn.has_gpu and rows >= LLAMACPP.prefill_copy_min_rows
+    return scn.has_gpu and scn.settings.offload_large_batches and rows >= LLAMACPP.prefill_copy_min_rows
 
 
 def weight_prefill(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
@@ -188,7 +198,7 @@ def weight_prefill(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
     per sequence: llama-bench and servers take logits of the last prompt token)."""
     if t.kind == "token_embd":
         return PathCost()
-    if t.kind == "output":
+    if t.kind == "output" and not scn.settings.logits_all:
         return _matmul(scn, t, scn.workload.batch, device)
     total = PathCost()
     for rows, _ in scn.micro_batches():
@@ -208,7 +218,7 @@ def _attention_s(scn: LlamaScenario, rows: int, depth: float, on_gpu: bool, sequ
     kv_bytes = scn.kv_bytes_per_token_layer * depth * sequences
     if on_gpu:
         return PathCost(acc_s=roofline_s(flops, kv_bytes, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, 0.0))
-    return PathCost(cpu_s=roofline_s(flops, kv_bytes, host_flops(scn), host_read_gbps(scn) * 1e9, 0.0))
+    return PathCost(cpu_s=roofline_s(flops, kv_bytes, host_flops(scn), host_read_gbps(scn) * 1e9, scn.fit.cpu_op_s))
 
 
 def attention_decode(scn: LlamaScenario, on_gpu: bool) -> PathCost:

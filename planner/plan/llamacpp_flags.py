@@ -32,6 +32,17 @@ IGNORED_WHY = {"-mla": "ik_llama.cpp option, not modelled", "-amb": "ik_llama.cp
                "-p": "use --prompt", "-n": "use --gen", "-d": "use --prompt for the cache depth"}
 
 
+# Flags that change placement, speed or memory (parse_llamacpp_flags reads them).
+MODELLED = ("-ngl", "--n-gpu-layers", "--gpu-layers", "-ot", "--override-tensor", "--n-cpu-moe", "-ncmoe",
+            "--cpu-moe", "-cmoe", "-nkvo", "--no-kv-offload", "-fa", "--flash-attn", "--no-mmap", "-mmap", "-c",
+            "--ctx-size", "-ub", "--ubatch-size", "-b", "--batch-size", "-t", "--threads", "-ctk", "--cache-type-k",
+            "-ctv", "--cache-type-v")
+
+
+def is_known_flag(flag: str) -> bool:
+    return flag in MODELLED or flag in IGNORED
+
+
 @dataclass(frozen=True)
 class ParsedFlags:
     placement: LlamaPlacement
