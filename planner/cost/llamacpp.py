@@ -14,9 +14,10 @@ its parts, not a max of overlapping resources.
   buffer for one micro-batch; the CUDA context is the profile's reserve. Host = the rest of
   the weights (token embeddings always), the host KV cache and the CPU compute buffer.
 
-The efficiencies llama.cpp reaches that no datasheet gives are in LlamaCppFit; the values
-below were fitted on one half of benchmarks/published/rows.yaml (benchmarks/published.py
-prints the error on the other half).
+The efficiencies llama.cpp reaches that no datasheet gives are in LlamaCppFit. Their values
+were fitted by `python benchmarks/published.py --fit` on the even-numbered half of the
+llama.cpp rows with stated hardware in benchmarks/published/rows.yaml (mean |log error| over
+their pp and tg figures); the same script reports the other half as held out.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ ACT_BYTES = 4  # llama.cpp passes activations between backends in F32
 class LlamaCppFit:
     """What llama.cpp reaches where no datasheet says (fitted, see the module docstring)."""
 
-    switch_s: float = 60e-6  # one change of backend in the graph: stream sync, copy call, CPU threads waking
-    token_s: float = 0.0  # fixed cost per decode step (graph build, launches not hidden, sampling)
-    gpu_prefill_efficiency: float = 0.6  # share of the fp16 tensor peak prompt matmuls reach
-    cpu_prefill_efficiency: float = 0.15  # share of the host's best peak flops prompt matmuls reach
+    switch_s: float = 100e-6  # one change of backend in the graph: stream sync, copy call, CPU threads waking
+    token_s: float = 600e-6  # fixed cost per decode step (graph build, launches not hidden, sampling)
+    gpu_prefill_efficiency: float = 0.8  # share of the fp16 tensor peak prompt matmuls reach
+    cpu_prefill_efficiency: float = 0.25  # share of the host's best peak flops prompt matmuls reach
     core_read_gbps: float = 30.0  # DRAM read rate one CPU thread sustains in a quantized GEMV
     cpu_op_s: float = 20e-6  # per CPU-computed matmul or attention and pass: the threads' barrier and wake-up
-    cpu_expert_efficiency: float = 1.0  # expert banks' prompt matmuls on the CPU, relative to dense ones
+    cpu_expert_efficiency: float = 0.45  # expert banks' prompt matmuls on the CPU, relative to dense ones
 
 
 FIT = LlamaCppFit()
