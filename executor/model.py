@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.errors import SpecError
+from planner.model.hf_families import RUNNABLE_FAMILIES
 from planner.model.inventory import O_BIAS_FAMILIES
 from planner.model.spec import ModelSpec
 
 from .moe import SparseMoE, block_name
 
-# Families this decoder builds (routed experts: executor/moe.py).
-EXECUTOR_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# Families this decoder builds (routed experts: executor/moe.py); the config reader applies its
+# strict checks (rotary details the executor needs) to the same families.
+EXECUTOR_FAMILIES = RUNNABLE_FAMILIES
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

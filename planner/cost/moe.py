@@ -33,11 +33,20 @@ def expert_counts(experts: int) -> tuple[int, ...]:
     return tuple(sorted({round(level * experts) for level in EXPERT_LEVELS}))
 
 
+def routing_shares(scn, layer: int | None) -> tuple[float, ...] | None:
+    """Each expert's share of layer `layer`'s routed tokens, most used first (None: uniform)."""
+    counts = (scn.routing or {}).get(layer) if layer is not None else None
+    if not counts or sum(counts) <= 0:
+        return None
+    total = float(sum(counts))
+    return tuple(sorted((c / total for c in counts), reverse=True))
+
+
 def expert_probs(scn, t: TensorSpec) -> tuple[float, ...]:
     """Per-token probability that each expert of bank `t` runs, most used first: `active`
     times its share of routed tokens (uniform without a routing table)."""
     active = round(t.route_prob * t.experts)
-    shares = scn.routing_shares(t.layer) if scn.routing is not None else None
+    shares = routing_shares(scn, t.layer)
     if shares is None:
         return (t.route_prob,) * t.experts
     return tuple(min(active * s, 1.0) for s in shares)

@@ -52,14 +52,6 @@ class Scenario:
     rank_recovery: dict[str, dict[int, float]] = field(default_factory=dict)  # tensor kind -> rank -> recovered fraction
     routing: dict[int, tuple[float, ...]] | None = None  # MoE layer -> routed tokens per expert (planner/cost/moe.py)
 
-    def routing_shares(self, layer: int | None) -> tuple[float, ...] | None:
-        """Each expert's share of layer `layer`'s routed tokens, most used first (None: uniform)."""
-        counts = (self.routing or {}).get(layer) if layer is not None else None
-        if not counts or sum(counts) <= 0:
-            return None
-        total = float(sum(counts))
-        return tuple(sorted((c / total for c in counts), reverse=True))
-
     @property
     def verify_tokens(self) -> int:
         return self.gamma + 1
