@@ -123,10 +123,12 @@ def test_page_locking_registers_whole_pages_in_place_once_and_unregisters_on_clo
     assert fake.calls[1:] == [("unregister", address)]
 
 
-def test_a_run_reports_the_page_locked_bytes_it_would_use_on_cuda():
+def test_a_run_reports_the_page_locked_bytes_it_would_use_on_cuda_within_the_plan():
     spec = spec_of()
     report = run_plan(mixed_plan(spec), RunOptions(synthetic=True, warmup_steps=1), devices=CPU)
-    assert report.measured.host_page_locked_bytes > 0
+    rows = {name: (planned, measured) for name, planned, measured, _ in report.comparisons()}
+    planned, measured = rows["host memory for the link"]
+    assert measured == report.measured.host_page_locked_bytes and 0 < measured <= planned
 
 
 def test_a_plan_needing_more_memory_than_available_is_refused_before_loading(monkeypatch):
