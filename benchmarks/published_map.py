@@ -41,6 +41,7 @@ MODELS = [
     (r"qwen3-32b", lambda: preset("qwen3-32b")),
     (r"mixtral", lambda: preset("mixtral-8x7b")),
     (r"deepseek-(r1|v3)", lambda: preset("deepseek-v3")),
+    (r"deepseek-(coder-)?v2-lite", lambda: preset("deepseek-v2-lite")),
     (r"gpt-oss-120b", lambda: preset("gpt-oss-120b")),
     (r"gpt-oss-20b", lambda: preset("gpt-oss-20b")),
 ]
