@@ -33,7 +33,7 @@ from .attention import HybridKVCache, split_tokens
 from .compensation import CompensatedLinear
 from .model import KVCache, Transformer
 from .moe import module_path
-from .offload_moe import place_bank
+from .offload_moe import expert_linears, place_bank
 from .quant import QuantizedTensor, QuantLinear, quant_matmul
 from .hostmem import HostPool, Uplink, on_host, to_host
 from .streams import Devices, PrefetchEngine
@@ -287,9 +287,14 @@ def _base_linear(module: nn.Module) -> nn.Module:
 def _streamed_host_tensors(model: Transformer, plan: Plan) -> list[Tensor]:
     """The host tensors of every matrix that streams in some phase: what the pool holds."""
     placement = plan.placement
-    return [tensor for t in plan.model.tensors() if t.group != "embed" and not t.experts
-            and (placement.device(t.name) == "stream" or placement.streams_for_prefill(t.name))
-            for tensor in host_tensors(_base_linear(getattr(*_module(model, t.name))))]
+    out = [tensor for t in plan.model.tensors() if t.group != "embed" and not t.experts
+           and (placement.device(t.name) == "stream" or placement.streams_for_prefill(t.name))
+           for tensor in host_tensors(_base_linear(getattr(*_module(model, t.name))))]
+    for t in plan.model.tensors():  # a streamed expert bank: every matrix of every expert
+        if t.experts and placement.device(t.name) == "stream":
+            out += [tensor for _, linear in expert_linears(getattr(*_module(model, t.name)), t.name)
+                    for tensor in host_tensors(linear)]
+    return out
 
 
 def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: PrefetchEngine,
@@ -303,6 +308,13 @@ def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: Pre
         device = placement.device(t.name)
         parent, attr = _module(model, t.name)
         module = getattr(parent, attr)
+        if t.experts and device == "stream":  # every expert matrix streams in with its layer
+            for name, linear in expert_linears(module, t.name):
+                expert, attr = module.get_submodule(name[len(t.name) + 1:].rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+                placed = placed_linear(linear, name, "stream", False, devices, engine, stats, uplink, pool)
+                engine.register(name, stage_of[t.name], placed.host_tensors, PHASES)
+                setattr(expert, attr, placed)
+            continue
         if t.experts:  # a layer's routed experts: some resident, the rest on the host worker
             resident_bytes += place_bank(parent, t, plan, devices, engine, uplink, workers, stats)
             continue

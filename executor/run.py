@@ -138,10 +138,6 @@ def check_runnable(plan: Plan, devices: Devices) -> None:
         raise PlanError(f"the plan was made for {plan.profile.accelerator.name} but this machine has no CUDA "
                         "device: run `offplan profile` here (it writes a loopback profile) and solve with "
                         "--hw <that file>")
-    streamed_banks = [t.name for t in plan.model.tensors() if t.experts and plan.placement.device(t.name) == "stream"]
-    if streamed_banks:
-        raise PlanError(f"placement.{streamed_banks[0]}: the executor holds expert banks resident or split "
-                        "with the host, it does not stream them; export this plan to another runtime instead")
     if plan.draft is not None and plan.draft.spec.vocab != plan.model.vocab:
         raise PlanError(f"draft {plan.draft.name!r}: vocabulary {plan.draft.spec.vocab} differs from the target's "
                         f"{plan.model.vocab}")
