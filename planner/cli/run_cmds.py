@@ -94,7 +94,7 @@ def run_report_json(report) -> dict:
 
 
 def profile(
-    quick: Annotated[bool, typer.Option("--quick", help="About 30 s instead of a few minutes.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer sizes and repeats than the full run.")] = False,
     threads: ThreadsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile file (default hwprofiles/<host>-<gpu>.yaml).")] = None,
 ) -> None:
