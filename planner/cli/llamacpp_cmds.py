@@ -134,6 +134,8 @@ def solve_llamacpp_command(model: str, model_file: ModelFile, profile, workload,
                   f"prompt {workload.prompt}, generate {workload.gen}", highlight=False)
     console.print(f"solved with {sol.solver} in {sol.solve_time_s:.2f} s ({sol.status}; {sol.n_variables} variables)",
                   highlight=False)
+    if model_file.drafts:
+        err_console.print("note: draft candidates in the model file are not planned for llama.cpp", highlight=False)
     console.print(forecast_table(scn, pr, pp, tg))
     console.print("run it with:", highlight=False)
     console.print(f"  {cmd.line()}", highlight=False, soft_wrap=True)
@@ -147,7 +149,7 @@ def solve_llamacpp_command(model: str, model_file: ModelFile, profile, workload,
         console.print(f"vs llama.cpp --fit ({fit.note}): {gain:+.1%} overall; pp {fit_pp:,.1f} -> {pp:,.1f} tok/s, "
                       f"tg {fit_tg:,.2f} -> {tg:,.2f} tok/s", highlight=False)
     if compare:
-        rows = [("offplan", " ".join(cmd.args[2:]), pr, pp)]
+        rows = [("offplan", "the command above", pr, pp)]
         rows += [(b.name, b.note, b.prediction, result.prefill_tok_s(b.prediction) if b.prediction else 0.0)
                  for b in result.baselines]
         console.print(baselines_table(rows))

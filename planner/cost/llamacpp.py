@@ -49,6 +49,7 @@ class LlamaCppFit:
     core_read_gbps: float = 30.0  # DRAM read rate one CPU thread sustains in a quantized GEMV
     cpu_op_s: float = 20e-6  # per CPU-computed matmul or attention and pass: the threads' barrier and wake-up
     cpu_expert_efficiency: float = 0.45  # expert banks' prompt matmuls on the CPU, relative to dense ones
+    gpu_op_s: float = 0.0  # per GPU matmul or attention and pass: kernel launch and tail not hidden
 
 
 FIT = LlamaCppFit()
@@ -177,7 +178,7 @@ def _matmul(scn: LlamaScenario, t: GgufTensor, rows: int, device: str) -> PathCo
     read = t.n_bytes * touched_fraction(t.route_prob, rows)
     flops = t.flops_per_token * rows
     if device == "gpu":
-        return PathCost(acc_s=roofline_s(flops, read, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, 0.0))
+        return PathCost(acc_s=roofline_s(flops, read, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, scn.fit.gpu_op_s))
     # Expert banks multiply a few rows per expert (rows x active / experts): the CPU kernels'
     # blocking pays for it.
     cpu_flops = host_flops(scn) * (scn.fit.cpu_expert_efficiency if t.kind.endswith("_exps") else 1.0)
@@ -218,7 +219,7 @@ def _attention_s(scn: LlamaScenario, rows: int, depth: float, on_gpu: bool, sequ
     flops = 4.0 * spec.heads * spec.head_dim * rows * depth
     kv_bytes = scn.kv_bytes_per_token_layer * depth * sequences
     if on_gpu:
-        return PathCost(acc_s=roofline_s(flops, kv_bytes, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, 0.0))
+        return PathCost(acc_s=roofline_s(flops, kv_bytes, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, scn.fit.gpu_op_s))
     return PathCost(cpu_s=roofline_s(flops, kv_bytes, host_flops(scn), host_read_gbps(scn) * 1e9, scn.fit.cpu_op_s))
 
 

@@ -137,7 +137,8 @@ def parse_llamacpp_flags(text: str, scn: LlamaScenario) -> ParsedFlags:
                            "(known: -ngl, -ot, --n-cpu-moe, --cpu-moe, -nkvo, -c, -ub, -b, -fa, -ctk, -ctv, "
                            "-t, --no-mmap)")
     if ngl is None:
-        notes.append("no -ngl: nothing offloaded (give -ngl N)")
+        if scn.has_gpu:
+            notes.append("no -ngl: nothing offloaded (give -ngl N)")
         ngl = 0
     if not scn.has_gpu and (ngl or any(gpu for _, gpu in overrides)):
         notes.append(f"{scn.profile.name} has no GPU: -ngl and GPU overrides have no effect")
