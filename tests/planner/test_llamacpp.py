@@ -287,3 +287,36 @@ def test_fit_moves_experts_before_layers():
         scn.profile.vram_usable_bytes - full.vram.used_bytes - 2**30 + 2.5 * experts)))
     fit = fit_choice(replace(scn, profile=profile))
     assert fit.note.startswith("-ngl 9 --n-cpu-moe") and fit.note != "-ngl 9 --n-cpu-moe 0"
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+EXAMPLES = sorted(p for p in (__import__("pathlib").Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_shipped_example_is_at_least_as_fast_as_fit(example):
+    from planner.model.modelfile import load_model_file
+    from planner.solve.llamacpp_solve import solve_for_llamacpp
+    model = load_model_file(str(example))
+    scn = LlamaScenario(model.spec, load_profile("rtx4090"), model.workload or Workload())
+    result = solve_for_llamacpp(scn)
+    assert result.fit.prediction is not None and result.speedup_over_fit >= 1 - 1e-3
+    assert result.command.line().startswith("llama-server -m ")
+
+
+def test_a_llamacpp_plan_exports_and_simulates_as_it_was_solved(tmp_path):
+    import json
+    plan = tmp_path / "plan.yaml"
+    r = offplan("solve", "llama-3.1-8b", "--hw", "rtx3060", "--runtime", "llamacpp", "--quant", "Q4_K_M",
+                "--out", str(plan), "--json")
+    assert r.returncode == 0, r.stderr
+    solved = json.loads(r.stdout)
+    exported = offplan("export", str(plan))
+    assert exported.returncode == 0
+    assert exported.stdout.splitlines()[0].split()[3:] == solved["command"].split()[3:]  # after -m FILE
+    sim = json.loads(offplan("simulate", str(plan), "--json").stdout)
+    assert sim["runtime"] == "llamacpp"
+    assert 1 / sim["decode_step_s"] == pytest.approx(solved["decode_tok_s"], rel=1e-9)
+    from planner.plan.record import load_plan
+    assert load_plan(plan).evaluate().decode_tokens_per_s == pytest.approx(solved["decode_tok_s"], rel=1e-9)
