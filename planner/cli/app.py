@@ -75,8 +75,9 @@ def solve(
     time_limit: TimeLimitOpt = 10.0,
     solver: SolverOpt = "auto",
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Ignore the model file's draft candidates.")] = False,
-    accept: Annotated[list[str], typer.Option("--acceptance", help="Measured acceptance of a draft: NAME=RATE "
-                                                                   "(repeat; see `offplan acceptance`).")] = [],
+    accept: Annotated[list[str], typer.Option("--acceptance", metavar="NAME=RATE",
+                                              help="Measured acceptance of a draft (repeat; see "
+                                                   "`offplan acceptance`).")] = [],
     quality: Annotated[Optional[str], typer.Option("--quality", help="Quantized models: 'max' (recover the most "
                        "error within --slack of the fastest plan) or R in 0..1 (fastest plan recovering R).")] = None,
     slack: Annotated[float, typer.Option("--slack", help="With --quality max: allowed slow-down, 0.02 = 2%.")] = 0.02,
