@@ -80,6 +80,17 @@ def _part(scn, t: TensorSpec, probs: tuple[float, ...], rows: int, on_host: bool
     return (PathCost(cpu_s=seconds) if on_host else PathCost(acc_s=seconds)), read
 
 
+def bank_parts(scn, t: TensorSpec, n: int, rows: int) -> tuple[float, float, float, float]:
+    """A split bank's two branches for `rows` tokens, as the simulator schedules them:
+    (accelerator s, hidden states down s, host experts s incl. the worker hand-off, outputs up s)."""
+    probs = expert_probs(scn, t)
+    acc, _ = _part(scn, t, probs[:n], rows, on_host=False)
+    host, _ = _part(scn, t, probs[n:], rows, on_host=True)
+    row_bytes = rows * t.cols * scn.act_bytes
+    return (acc.acc_s, d2h_s(scn.profile, row_bytes), host.cpu_s + scn.profile.host.task_overhead_s,
+            h2d_s(scn.profile, row_bytes))
+
+
 def _split_cost(scn, t: TensorSpec, probs: tuple[float, ...], n: int, rows: int,
                 host_on_acc: bool) -> tuple[PathCost, float, float, float]:
     """(cost, accelerator bytes read, host bytes read, activation h2d s) with n experts on the

@@ -31,6 +31,7 @@ from planner.hardware.profile import HardwareProfile
 from planner.model.placement import Placement, check_placement
 from planner.plan.record import Plan
 from planner.cost.evaluate import Prediction, chosen_options, find_option, option_tables, predict
+from planner.cost.moe import bank_parts
 from planner.cost.roofline import PathCost, h2d_s
 from planner.model.spec import TensorSpec
 
@@ -134,6 +135,11 @@ class _Builder:
                 return [((op("accelerator", t.name, cost.acc_s),),)]
             return [((op("cpu", t.name, cost.cpu_s), op("h2d", f"{t.name} rows", cost.xfer_s)),)]
         rows = matmul_rows(self.scn, t, phase)
+        if t.experts and opt.device == "cpu" and not (phase == "prefill" and opt.prefill_streamed):
+            # a split bank: resident experts on the accelerator beside the host worker's
+            acc_s, down_s, cpu_s, up_s = bank_parts(self.scn, t, opt.gpu_experts, rows)
+            host = (op("d2h", f"{t.name} x", down_s), op("cpu", t.name, cpu_s), op("h2d", f"{t.name} out", up_s))
+            return [((op("accelerator", t.name, acc_s),), host) if opt.gpu_experts else (host,)]
         down_s, up_s = activation_transfer_s(self.scn, t, rows)
         if not on_acc:
             return [((op("d2h", f"{t.name} x", down_s), op("cpu", t.name, cost.cpu_s),

@@ -147,3 +147,18 @@ def test_resident_expert_memory_is_counted():
     others = sum(t.n_bytes for t in spec.tensors() if not t.experts)
     assert pred.vram.weights_bytes == pytest.approx(others + spec.norm_bytes + banks / 2, rel=1e-6)
     assert pred.host.weights_bytes == pytest.approx(banks / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_simulated_split_banks_take_the_ilp_time(routed):
+    """The simulator runs a split bank's host experts beside the resident ones (CPU busy),
+    and its decode step is the ILP's."""
+    from planner.plan.record import make_plan
+    from planner.simulate.engine import simulate_plan
+    skew = tuple(float(1000 if e < 16 else 10) for e in range(128))
+    scn = _scn(hw="rtx3060", routing={layer: skew for layer in range(48)} if routed else None)
+    solution = solve_placement(scn, SolverOptions(time_limit_s=60))
+    assert any(0 < n < 128 for n in solution.placement.gpu_experts.values())
+    result = simulate_plan(make_plan(scn, solution.placement, "ilp", solution.prediction))
+    assert result.decode_step_s == pytest.approx(result.ilp_decode_step_s, rel=0.02)
+    assert result.busy_fraction["cpu"] > 0.05
