@@ -8,7 +8,6 @@ import random
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -246,7 +245,9 @@ def test_bad_flags_are_named(flags, needle):
 
 
 def offplan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, timeout=120)
+    """The command line's entry point, run in this process (same exit code and output)."""
+    from conftest import offplan_in_process
+    return offplan_in_process(*args)
 
 
 def test_cli_bad_flags_give_one_line_and_exit_2():
