@@ -379,7 +379,7 @@ def attention_prefill_flops(heads: int, head_dim: int, batch: int, prompt: int) 
 def layer_fixed(scn: Scenario, rows: int) -> PathCost:
     """Element-wise work of one decoder layer (norms, rotary, residuals, activation)."""
     spec = scn.spec
-    n_bytes = elementwise_bytes(spec.hidden, spec.intermediate, rows, scn.act_bytes)
+    n_bytes = elementwise_bytes(spec.hidden, spec.ffn_width, rows, scn.act_bytes)
     a = scn.profile.accelerator
     rate_gbps = a.elementwise_gbps or a.mem_bw_gbps
     return PathCost(acc_s=layer_dispatch_s(scn.profile) + n_bytes / (rate_gbps * 1e9))

@@ -11,7 +11,7 @@ def acc_workspace_bytes(scn: Scenario) -> int:
     """Activations of the largest forward pass (prefill of the whole prompt) plus fp32 logits
     for the last positions. Attention scores are not materialised (fused attention)."""
     spec = scn.spec
-    per_row = 2 * spec.hidden + (spec.heads + 2 * spec.kv_heads) * spec.head_dim + 2 * spec.intermediate
+    per_row = 2 * spec.hidden + (spec.heads + 2 * spec.kv_heads) * spec.head_dim + 2 * spec.ffn_width
     return scn.prefill_rows * per_row * scn.act_bytes + scn.decode_rows * spec.vocab * 4
 
 
@@ -21,7 +21,7 @@ def host_staging_bytes(scn: Scenario) -> int:
     page-locked staging buffer it goes up from (as wide as the widest output). Widest: a
     prefill MLP up-projection, or the lm_head's logits in decode."""
     spec = scn.spec
-    mlp = scn.prefill_rows * (spec.hidden + 2 * spec.intermediate)
+    mlp = scn.prefill_rows * (spec.hidden + 2 * spec.ffn_width)
     head = scn.decode_rows * (spec.hidden + 2 * spec.vocab)
     return max(mlp, head) * scn.act_bytes
 

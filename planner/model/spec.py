@@ -179,6 +179,15 @@ class ModelSpec:
         return self.kv_cache_bytes(context) / (self.layers * max(context, 1))
 
     @property
+    def ffn_width(self) -> int:
+        """Feed-forward activations per token at the widest layer: a dense MLP's intermediate,
+        or the active and shared experts' widths together in an MoE layer."""
+        if self.moe is None:
+            return self.intermediate
+        routed = self.moe.active * self.moe.expert_intermediate + self.moe.shared_intermediate
+        return max(routed, self.intermediate if self.moe.dense_first else 0)
+
+    @property
     def kv_bytes_per_token(self) -> int:
         return self.kv_bytes_per_token_layer * self.layers
 

@@ -162,3 +162,16 @@ def test_simulated_split_banks_take_the_ilp_time(routed):
     result = simulate_plan(make_plan(scn, solution.placement, "ilp", solution.prediction))
     assert result.decode_step_s == pytest.approx(result.ilp_decode_step_s, rel=0.02)
     assert result.busy_fraction["cpu"] > 0.05
+
+
+def test_moe_activations_are_as_wide_as_the_active_experts():
+    """Workspace and element-wise traffic count k experts' activations per token, not one MLP's."""
+    from planner.cost.terms import acc_workspace_bytes
+    assert preset("mixtral-8x7b").ffn_width == 2 * 14336
+    assert preset("gpt-oss-120b").ffn_width == 4 * 2880
+    assert preset("glm-4.5-air").ffn_width == 8 * 1408 + 1408  # wider than its dense first layer (10944)
+    assert preset("qwen3-8b").ffn_width == 12288
+    mixtral = Scenario(preset("mixtral-8x7b"), load_profile("rtx4090"), Workload(1, 512, 64))
+    dense_twin = replace(mixtral, spec=replace(mixtral.spec, moe=None, family="mistral"))
+    extra = acc_workspace_bytes(mixtral) - acc_workspace_bytes(dense_twin)
+    assert extra == 512 * 2 * 14336 * 2 * 2  # prompt rows x 2 x the second expert's width x bf16
