@@ -52,8 +52,11 @@ def predict(
     model_file = load_model(model)
     profile = load_hardware(hw, vram, ram, host_bw, dram, cpu_cores)
     workload = resolve_workload(model_file, prompt, gen, batch)
-    forecast = predict_llamacpp(model_file.spec, profile, workload, llamacpp,
-                                tensor_types(model, model_file, quant))
+    types = tensor_types(model, model_file, quant)
+    forecast = predict_llamacpp(model_file.spec, profile, workload, llamacpp, types)
+    if not types and model_file.spec.quantization is None and not json_out:
+        err_console.print(f"note: weights priced as {model_file.spec.dtype}; give a .gguf or --quant "
+                          "(e.g. Q4_K_M) for a quantized file", highlight=False)
     if json_out:
         print_json(forecast.as_json())
         return

@@ -50,6 +50,7 @@ class LlamaCppFit:
     cpu_op_s: float = 20e-6  # per CPU-computed matmul or attention and pass: the threads' barrier and wake-up
     cpu_expert_efficiency: float = 0.45  # expert banks' prompt matmuls on the CPU, relative to dense ones
     gpu_op_s: float = 0.0  # per GPU matmul or attention and pass: kernel launch and tail not hidden
+    cpu_attention_efficiency: float = 0.6  # CPU attention over a host cache, relative to CPU prompt matmuls
 
 
 FIT = LlamaCppFit()
@@ -220,7 +221,8 @@ def _attention_s(scn: LlamaScenario, rows: int, depth: float, on_gpu: bool, sequ
     kv_bytes = scn.kv_bytes_per_token_layer * depth * sequences
     if on_gpu:
         return PathCost(acc_s=roofline_s(flops, kv_bytes, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, scn.fit.gpu_op_s))
-    return PathCost(cpu_s=roofline_s(flops, kv_bytes, host_flops(scn), host_read_gbps(scn) * 1e9, scn.fit.cpu_op_s))
+    cpu_flops = host_flops(scn) * scn.fit.cpu_attention_efficiency  # per-head kernels, not tiled GEMMs
+    return PathCost(cpu_s=roofline_s(flops, kv_bytes, cpu_flops, host_read_gbps(scn) * 1e9, scn.fit.cpu_op_s))
 
 
 def attention_decode(scn: LlamaScenario, on_gpu: bool) -> PathCost:
