@@ -16,7 +16,7 @@ from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOp
                          resolve_workload,
                          run_app)
 from planner.cli.help import OffplanGroup, offplan_version
-from planner.cli.llamacpp_cmds import QuantOpt, predict, solve_llamacpp_command
+from planner.cli.llamacpp_cmds import CtxOpt, QuantOpt, predict, solve_llamacpp_command
 from planner.cost.runtime import runtime_named
 from planner.cli.run_cmds import acceptance, profile, routing, run, sensitivity
 from planner.cost.options import Scenario
@@ -66,7 +66,7 @@ def solve(
     vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
     dram: DramOpt = None, cpu_cores: CpuCoresOpt = None,
     prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
-    runtime: RuntimeOpt = "offplan", quant: QuantOpt = None,
+    runtime: RuntimeOpt = "offplan", quant: QuantOpt = None, ctx: CtxOpt = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also score what accelerate / llama.cpp / "
                                                              "stream-all would pick (with --runtime llamacpp: "
                                                              "--fit, largest -ngl, smallest --n-cpu-moe).")] = False,
@@ -94,7 +94,7 @@ def solve(
     workload = resolve_workload(model_file, prompt, gen, batch)
     if runtime_named(runtime).name == "llamacpp":
         return solve_llamacpp_command(model, model_file, profile, workload, quant, compare, out, json_out,
-                                      SolverOptions(time_limit_s=time_limit, solver=solver))
+                                      SolverOptions(time_limit_s=time_limit, solver=solver), ctx)
     from planner.solve.quality import parse_quality, solve_compensated
     from planner.model.ranks import compensation_settings, load_rank_table
     quality_mode, quality_value = parse_quality(quality)

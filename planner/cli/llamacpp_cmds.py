@@ -18,6 +18,8 @@ from planner.errors import OffplanError
 from planner.model.modelfile import ModelFile
 from planner.units import fmt_bytes
 
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="With --runtime llamacpp: the context (-c) to plan "
+                                                          "the KV cache for; default prompt + gen.")]
 QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="llama.cpp file type of the weights when MODEL "
                                                                  "is not a .gguf, e.g. Q4_K_M, Q8_0, IQ4_XS.")]
 
@@ -107,12 +109,16 @@ def baselines_table(rows) -> FitTable:
 
 
 def solve_llamacpp_command(model: str, model_file: ModelFile, profile, workload, quant: str | None, compare: bool,
-                           out: Path | None, json_out: bool, options) -> None:
+                           out: Path | None, json_out: bool, options, ctx: int | None = None) -> None:
     from planner.plan.llamacpp_command import ollama_lines
     from planner.plan.llamacpp_plan import make_llamacpp_plan
     from planner.plan.record import save_plan
     from planner.solve.llamacpp_solve import solve_for_llamacpp
-    scn = LlamaScenario(model_file.spec, profile, workload, types=tensor_types(model, model_file, quant))
+    from planner.cost.llamacpp import LlamaCppSettings
+    if ctx is not None and ctx < workload.context:
+        raise OffplanError(f"--ctx {ctx}: must hold the prompt and the generated tokens ({workload.context})")
+    scn = LlamaScenario(model_file.spec, profile, workload, LlamaCppSettings(ctx=ctx or 0),
+                        tensor_types(model, model_file, quant))
     result = solve_for_llamacpp(scn, options, model_arg(model, quant, model_file.spec.name), compare)
     sol, cmd = result.solution, result.command
     if out is not None:

@@ -321,3 +321,13 @@ def test_a_llamacpp_plan_exports_and_simulates_as_it_was_solved(tmp_path):
     assert 1 / sim["decode_step_s"] == pytest.approx(solved["decode_tok_s"], rel=1e-9)
     from planner.plan.record import load_plan
     assert load_plan(plan).evaluate().decode_tokens_per_s == pytest.approx(solved["decode_tok_s"], rel=1e-9)
+
+
+def test_ctx_sizes_the_kv_cache_of_a_llamacpp_plan():
+    import json
+    args = ("solve", "llama-3.1-8b", "--hw", "rtx3060", "--runtime", "llamacpp", "--quant", "Q4_K_M", "--json")
+    short, long = (json.loads(offplan(*args, *extra).stdout) for extra in ((), ("--ctx", "131072")))
+    assert short["command"].endswith("-c 640") and long["command"].endswith("-c 131072")
+    assert long["decode_tok_s"] < short["decode_tok_s"]  # the long cache leaves less room for weights
+    bad = offplan(*args, "--ctx", "100")
+    assert bad.returncode == 2 and "--ctx 100" in bad.stderr
