@@ -86,8 +86,9 @@ def forecast_table(scn: LlamaScenario, pr, pp_tok_s: float, tg_tok_s: float) -> 
     t.add_column("bound by")
     t.add_row(f"pp{wl.prompt}" + (f" x{wl.batch}" if wl.batch > 1 else ""), f"{pp_tok_s:,.1f}", pr.bound("prefill"))
     t.add_row(f"tg{wl.gen} (after the prompt)", f"{tg_tok_s:,.2f}", pr.bound("decode"))
-    t.add_row("GPU memory", f"{fmt_bytes(pr.vram.used_bytes)} of {fmt_bytes(pr.vram.capacity_bytes)}",
-              "fits" if pr.vram.fits else "over")
+    if scn.has_gpu:
+        t.add_row("GPU memory", f"{fmt_bytes(pr.vram.used_bytes)} of {fmt_bytes(pr.vram.capacity_bytes)}",
+                  "fits" if pr.vram.fits else "over")
     t.add_row("host memory", f"{fmt_bytes(pr.host.used_bytes)} of {fmt_bytes(pr.host.capacity_bytes)}",
               "fits" if pr.host.fits else "over")
     return FitTable(t)
