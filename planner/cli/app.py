@@ -95,6 +95,9 @@ def solve(
     if runtime_named(runtime).name == "llamacpp":
         return solve_llamacpp_command(model, model_file, profile, workload, quant, compare, out, json_out,
                                       SolverOptions(time_limit_s=time_limit, solver=solver), ctx)
+    if not profile.accelerator.present:
+        raise OffplanError(f"--hw {hw}: a machine without a GPU; offplan's executor needs one (or the loopback "
+                           "profile from `offplan profile`): plan a CPU-only llama.cpp run with --runtime llamacpp")
     from planner.solve.quality import parse_quality, solve_compensated
     from planner.model.ranks import compensation_settings, load_rank_table
     quality_mode, quality_value = parse_quality(quality)

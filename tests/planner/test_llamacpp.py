@@ -331,3 +331,12 @@ def test_ctx_sizes_the_kv_cache_of_a_llamacpp_plan():
     assert long["decode_tok_s"] < short["decode_tok_s"]  # the long cache leaves less room for weights
     bad = offplan(*args, "--ctx", "100")
     assert bad.returncode == 2 and "--ctx 100" in bad.stderr
+
+
+def test_cpu_only_machine_plans_for_llamacpp_and_refuses_the_executor():
+    r = offplan("solve", "llama-3.2-1b", "--hw", "cpu", "--runtime", "llamacpp", "--dram", "ddr5-4800x2", "--json")
+    import json
+    data = json.loads(r.stdout)
+    assert data["ngl"] == 0 and data["speedup_over_fit"] == pytest.approx(1.0) and data["accelerator_bytes"] == 0
+    bad = offplan("solve", "llama-3.2-1b", "--hw", "cpu")
+    assert bad.returncode == 2 and "--runtime llamacpp" in bad.stderr
