@@ -177,6 +177,11 @@ def plan_json(plan: Plan, baselines: list | None = None) -> dict:
         "solver": plan.provenance.solver, "solver_status": plan.provenance.solver_status,
         "solve_time_s": plan.provenance.solve_time_s,
     }
+    banks = [t for t in plan.model.tensors() if t.experts]
+    if banks:  # per MoE layer: resident experts and the share of routed tokens they take
+        on_gpu = {t.layer: plan.placement.experts_on_gpu(t) for t in banks}
+        out["experts"] = [{"layer": t.layer, "on_gpu": on_gpu[t.layer], "of": t.experts,
+                           "routed_share": plan.routed_share(t, on_gpu[t.layer])} for t in banks]
     if plan.draft:
         out["draft"] = {"name": plan.draft.name, "gamma": plan.draft.gamma, "acceptance": plan.draft.acceptance,
                         "expected_tokens": pr.expected_tokens}

@@ -55,6 +55,12 @@ def test_solve_with_a_routing_table_reports_the_resident_share(tmp_path):
     result = offplan("solve", model, "--hw", "rtx3060", "--ram", "64GiB", "--routing", tmp_path / "routing.yaml")
     assert result.returncode == 0, result.stderr
     assert "on the GPU, taking" in result.stdout and "% of routed tokens" in result.stdout
+    as_json = offplan("solve", model, "--hw", "rtx3060", "--ram", "64GiB", "--routing", tmp_path / "routing.yaml",
+                      "--json")
+    experts = __import__("json").loads(as_json.stdout)["experts"]
+    assert [e["layer"] for e in experts] == list(range(48))
+    top = sum(counts[:16]) / sum(counts)
+    assert all(e["routed_share"] >= min(e["on_gpu"], 16) / 16 * top - 1e-9 for e in experts)
 
 
 @pytest.mark.parametrize("layers, match", [({0: [1] * 8}, "expected 128 token counts"),
