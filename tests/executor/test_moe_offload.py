@@ -99,3 +99,13 @@ def test_host_experts_run_while_the_accelerator_computes_its_own():
     finally:
         handle.close()
     assert seen and all(name.startswith("offplan-experts") for name in seen)
+
+
+def test_offloaded_qwen3_runs_give_the_tokens_of_an_all_resident_run():
+    """q/k norms stay with the accelerator while their projections stream or run on the host."""
+    from test_offload import mixed_placements
+    spec = small_spec(family="qwen3", qk_norm=True, head_dim=32)
+    reference = _tokens(spec, uniform_placement(spec, "gpu"))
+    assert len(set(reference[0])) > 2
+    for name, placement in mixed_placements(spec).items():
+        assert _tokens(spec, placement) == reference, name
