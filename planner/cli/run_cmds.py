@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from planner.cli.common import (GenOpt, PromptOpt, ThreadsOpt, check_out_path, console, err_console, load_model,
-                                 load_plan_file)
+from planner.cli.common import (GenOpt, PromptOpt, ThreadsOpt, check_out_path, check_writable_dir, console,
+                                 err_console, load_model, load_plan_file)
 from planner.errors import OffplanError
 from planner.cli.render import model_line
 from planner.units import fmt_bytes, fmt_seconds
@@ -103,6 +103,10 @@ def profile(
     from planner.hardware.profile import save_profile
     from planner.cli.render_hw import profile_table
     check_out_path(out, "--out")
+    if out is None:  # the default, hwprofiles/<host>-<gpu>.yaml, is named after measuring
+        default_dir = Path("hwprofiles")
+        check_writable_dir(default_dir if default_dir.is_dir() else Path.cwd(),
+                           "profile (writes to hwprofiles/ by default; give --out FILE)")
     try:
         from executor.profiler import busy_note, default_profile_path, profile_machine
     except ModuleNotFoundError as exc:
