@@ -8,7 +8,7 @@
   link (up through one staging buffer). A cpu weight marked `prefill_streamed` is streamed
   like a `stream` weight during prefill, so it lives in the pool too.
 - Quantized weights (executor/quant.py) stay packed wherever they are: streamed ones move
-  their codes, scales and zero points and are dequantized where they are multiplied. A
+  their codes, scales and zero points and run a fused quantized kernel there. A
   compensated matrix keeps its CompensatedLinear, whose backbone becomes the placed one, so
   its host branch runs beside the streamed or host matmul as it does beside a resident one.
 - Each layer's KV cache is split as the plan says (executor/attention.py).
@@ -34,6 +34,7 @@ from .compensation import CompensatedLinear
 from .model import KVCache, Transformer
 from .moe import module_path
 from .offload_moe import expert_linears, place_bank
+from . import qkernels
 from .quant import QuantizedTensor, QuantLinear, quant_matmul
 from .hostmem import HostPool, Uplink, on_host, to_host
 from .streams import Devices, PrefetchEngine
@@ -242,6 +243,7 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
     dtype = next(p.dtype for n, p in model.named_parameters() if "norm" in n)
     engine = PrefetchEngine(devices)
     uplink = Uplink(devices)
+    _pack_placed(model, plan, devices)
     pool = HostPool(_streamed_host_tensors(model, plan), devices)
     workers: list = []  # the host worker of split expert banks, once one is needed
     resident_bytes = _place_weights(model, plan, devices, engine, stats, uplink, pool, workers)
@@ -282,6 +284,19 @@ def _stage_hook(engine: PrefetchEngine, stage: int):
 def _base_linear(module: nn.Module) -> nn.Module:
     """The matrix a placement moves: a compensated matrix's quantized backbone, else itself."""
     return module.quant if isinstance(module, CompensatedLinear) else module
+
+
+def _pack_placed(model: Transformer, plan: Plan, devices: Devices) -> None:
+    """Each non-resident quantized matrix takes, in place, the layout of the fused kernel that
+    will multiply it (executor/qkernels.py); resident ones pack on their first forward."""
+    for t in plan.model.tensors():
+        device = plan.placement.device(t.name)
+        if device == "gpu" or t.group == "embed" or t.experts:
+            continue
+        module = _base_linear(getattr(*_module(model, t.name)))
+        if isinstance(module, QuantLinear):
+            module.pack_to(qkernels.placed_layout(devices.accelerator, device,
+                                                  plan.placement.streams_for_prefill(t.name)))
 
 
 def _streamed_host_tensors(model: Transformer, plan: Plan) -> list[Tensor]:
