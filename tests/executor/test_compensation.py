@@ -95,7 +95,7 @@ def test_quantized_tensor_bytes_match_layout():
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(bits=4, group_size=3), "group_size"),
-    (dict(bits=4, group_size=0), "group_size"),
+    (dict(bits=4, group_size=-1), "group_size"),
     (dict(bits=3, group_size=5), "bits"),
 ])
 def test_bad_quantization_parameters_raise_spec_error(kwargs, field):
