@@ -55,7 +55,8 @@ class QuantizedTensor:
 
     @property
     def symmetric(self) -> bool:
-        return self.zeros is None
+        """No offsets stored (a packed asymmetric int4 keeps them inside `scales`, [ng, out, 2])."""
+        return self.zeros is None and self.scales.dim() < 3
 
     @property
     def nbytes(self) -> int:
@@ -265,7 +266,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}, layout={self.layout}, "
-                f"symmetric={self.zeros is None}, cached={self.cache_dequantized}")
+                f"symmetric={self.quantized().symmetric}, cached={self.cache_dequantized}")
 
 
 def quant_linear_from(linear: nn.Linear, bits: int = 4, group_size: int = 128,
