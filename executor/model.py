@@ -92,6 +92,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     token axis (the same result as repeating K/V per head, without copying the cache)."""
     batch, heads, t, head_dim = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
+    if q_start == 0 and t == s and t > 1:  # a whole prompt: the fused causal kernel, no mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
     groups = heads // kv_heads
     q_folded = q.reshape(batch, kv_heads, groups * t, head_dim)  # row r = group * t + token
     if t == 1:
