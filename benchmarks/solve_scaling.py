@@ -32,7 +32,8 @@ from planner.cost.options import Scenario
 from planner.errors import InfeasiblePlanError
 from planner.hardware.profile import load_profile, with_overrides
 from planner.solve.ilp import SolverOptions, pick_solver, solve_placement
-from planner.solve.problem import MS, build_problem, layer_groups
+from planner.solve.groups import layer_groups
+from planner.solve.problem import MS, build_problem
 from planner.cost.evaluate import option_tables
 from planner.model.presets import preset
 from planner.model.spec import Quantization, Workload

@@ -38,6 +38,10 @@ from planner.errors import PlanError
 _NEG_INF = float("-inf")
 _TINY = 1e-30  # clamps an all-zero softmax denominator; its numerator is 0 too, so the row is 0
 _THREAD_PREFIX = "offplan-kv-host"
+# Attention scores (fp32) that may exist at once: 8 MiB. A prefill of t tokens over s keys
+# runs in query chunks of SCORE_CHUNK_ELEMENTS / (batch · heads · s) tokens instead of building
+# the whole [batch, heads, t, s] matrix (1 GiB per layer for 32 heads at t = s = 2048).
+SCORE_CHUNK_ELEMENTS = 2 ** 21
 
 
 def split_tokens(host_fraction: float, max_tokens: int) -> int:
@@ -59,6 +63,22 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def attention_chunk_tokens(batch: int, heads: int, keys: int) -> int:
+    """Queries attended at a time so that one chunk's scores hold at most SCORE_CHUNK_ELEMENTS."""
+    return max(1, SCORE_CHUNK_ELEMENTS // max(batch * heads * keys, 1))
+
+
+def attention_workspace_bytes(batch: int, heads: int, tokens: int, keys: int,
+                              dtype: torch.dtype) -> int:
+    """Peak temporaries of attention_with_lse of `tokens` queries over `keys` keys, beyond its
+    inputs and outputs: one query chunk's scores in the accumulation dtype, plus their softmax
+    numerators cast to V's dtype when that differs (the matmul's [.., d] outputs are small)."""
+    acc = _accumulate_dtype(dtype).itemsize
+    rows = min(attention_chunk_tokens(batch, heads, keys), tokens)
+    per_score = acc + (dtype.itemsize if dtype.itemsize != acc else 0)
+    return rows * batch * heads * keys * per_score
+
+
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor,
                        causal_offset: int | None) -> tuple[Tensor, Tensor]:
     """Attention of `q` over one block of keys, with the log-sum-exp of its scaled scores.
@@ -67,14 +87,36 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor,
     kv_heads (head h reads kv head h // (heads / kv_heads)). Key j is visible to query i iff
     j <= causal_offset + i; None makes every key visible. Returns out [batch, heads, t, head_dim]
     in q's dtype and lse [batch, heads, t] in float32 (float64 for float64 inputs). A query
-    that sees no key gets out = 0 and lse = -inf (no NaN)."""
+    that sees no key gets out = 0 and lse = -inf (no NaN).
+
+    Queries are independent, so a long prefill runs in query chunks of
+    `attention_chunk_tokens` and no more than SCORE_CHUNK_ELEMENTS scores exist at once: the
+    workspace is bounded whatever the prompt length (exact, no merge needed)."""
     batch, heads, t, head_dim = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
-    group = heads // kv_heads
     acc = _accumulate_dtype(q.dtype)
     if s == 0:
         return (torch.zeros_like(q),
                 torch.full((batch, heads, t), _NEG_INF, dtype=acc, device=q.device))
+    chunk = attention_chunk_tokens(batch, heads, s)
+    if chunk >= t:
+        return _attention_block(q, k, v, causal_offset)
+    out = torch.empty_like(q)  # [b, heads, t, d]
+    lse = torch.empty((batch, heads, t), dtype=acc, device=q.device)
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        offset = None if causal_offset is None else causal_offset + start
+        out[:, :, start:stop], lse[:, :, start:stop] = _attention_block(q[:, :, start:stop], k, v, offset)
+    return out, lse
+
+
+def _attention_block(q: Tensor, k: Tensor, v: Tensor,
+                     causal_offset: int | None) -> tuple[Tensor, Tensor]:
+    """attention_with_lse over all of q at once (scores [b, kv_heads, group*t, s] in memory)."""
+    batch, heads, t, head_dim = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    acc = _accumulate_dtype(q.dtype)
     # GQA without repeating K/V: the group's queries become extra rows of one matmul per kv head.
     q_rows = q.reshape(batch, kv_heads, group * t, head_dim)  # [b, kv_heads, group*t, d]
     scores = torch.matmul(q_rows, k.transpose(-1, -2)).to(acc)  # [b, kv_heads, group*t, s]

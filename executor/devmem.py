@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from planner.errors import PlanError
-from planner.plan.record import MemorySummary
+from planner.plan.record import MemorySummary, Plan
 from planner.units import fmt_bytes
 
 from .streams import Devices
@@ -110,3 +110,12 @@ def planned_peak_bytes(vram: MemorySummary, cuda: bool) -> int:
     if cuda:
         return planned_device_bytes(vram) + vram.reserve_bytes
     return vram.weights_bytes + vram.kv_bytes + vram.buffer_bytes + vram.draft_bytes
+
+
+def planned_link_host_bytes(plan: Plan, host: MemorySummary) -> int:
+    """The plan's side of the host memory the link copies from (page-locked on CUDA): the
+    weights that stream in some phase, and its activation staging term."""
+    placement = plan.placement
+    streamed = sum(t.n_bytes for t in plan.model.tensors()
+                   if placement.device(t.name) == "stream" or placement.streams_for_prefill(t.name))
+    return streamed + host.buffer_bytes

@@ -27,6 +27,7 @@ from planner.units import fmt_bytes
 from .overhead import (DEEP_LAYERS, SHALLOW_LAYERS, attention_prefill_timing, attention_tflops,
                        branch_overhead_s, branch_timing, decode_step_timing, elementwise_gbps, prefill_elementwise_timing, split_attention_timing,
                        split_kv_overhead_s, step_overhead)
+from . import qkernels
 from .quant import quant_matmul, quantize
 from .timing import DTYPES, Timing, time_runs
 
@@ -39,10 +40,10 @@ MAX_SLOTS = 1024
 TINY_COPY_BYTES = 256  # a transfer whose time is all latency
 CPU_DTYPES = ("fp32", "bf16")  # fp16 matmul on CPUs is a slow emulated path nothing uses
 CUDA_DTYPES = ("bf16", "fp16", "fp32")
-# Packed formats whose matmul is timed, as the planner counts their bytes (planner/model/spec.py).
-QUANT_GROUP = 128
-QUANT_FORMAT = {bits: Quantization(bits, QUANT_GROUP) for bits in (4, 8)}
-QUANT_MAX_DIM = 2048  # the dequantizing matmul is slow: a smaller matrix keeps the profile short
+# Packed formats whose fused matmul is timed (executor/qkernels.py), as the planner counts
+# their bytes (planner/model/spec.py): int4 in groups of 128 with the kernel's stored
+# scale-and-zero operand, int8 with one scale per output channel.
+QUANT_FORMAT = {4: Quantization(4, 128, symmetric=False), 8: Quantization(8, 0)}
 ATTENTION_SHAPE = (8, 4, 128)  # kv_heads, query heads per kv head, head_dim (Llama-3-8B-like)
 ATTENTION_DTYPE = "bf16"
 
@@ -130,14 +131,16 @@ def linear_timing(device: torch.device, dtype: str, out_features: int, in_featur
 
 def quant_linear_timing(device: torch.device, dtype: str, bits: int, out_features: int, in_features: int,
                         batch: int, warmup: int, repeats: int, cold_pool_bytes: int = COLD_POOL_BYTES) -> Timing:
-    """The executor's dequantizing matmul (executor/quant.py, group 128, symmetric) over a
-    cold pool of packed weights, activations in `dtype`: what a quantized matmul costs here."""
-    tdt = DTYPES[dtype]
-    # The pool is sized by the transient dequantized weights: most of the traffic.
-    n_weights = max(2, math.ceil(cold_pool_bytes / (out_features * in_features * tdt.itemsize)))
-    weights = [quantize(torch.randn(out_features, in_features), bits, QUANT_GROUP).to(device)
-               for _ in range(n_weights)]
-    x = torch.randn(batch, in_features, device=device, dtype=tdt)  # [batch, in]
+    """The executor's fused quantized matmul (QUANT_FORMAT, packed for `device`'s kernel) over
+    a cold pool of packed weights, activations in `dtype`: what a quantized matmul costs here."""
+    fmt = QUANT_FORMAT[bits]
+    packed_bytes = fmt.bytes_for(out_features * in_features, in_features)
+    n_weights = max(2, math.ceil(cold_pool_bytes / packed_bytes))
+    one = qkernels.pack(quantize(torch.randn(out_features, in_features), bits, fmt.group_size, fmt.symmetric),
+                        qkernels.kernel_layout(device)).to(device)
+    # Copies of one packed matrix: the kernel's speed does not depend on the values.
+    weights = [one.with_storage(tuple(t.clone() for t in one.storage)) for _ in range(n_weights)]
+    x = torch.randn(batch, in_features, device=device, dtype=DTYPES[dtype])  # [batch, in]
     pool = itertools.cycle(weights)
     return time_runs(lambda: quant_matmul(x, next(pool)), device, warmup, repeats, calls=len(weights))
 
@@ -286,9 +289,8 @@ class Compute:
 
 
 def quant_shape(s: Settings) -> tuple[int, int]:
-    """(out, in) of the timed dequantizing matmul: the GEMV shape, capped at QUANT_MAX_DIM."""
-    out_f, in_f = s.gemv_shape
-    return min(out_f, QUANT_MAX_DIM), min(in_f, QUANT_MAX_DIM)
+    """(out, in) of the timed fused quantized matmul: the GEMV shape (LLM-sized in FULL/QUICK)."""
+    return s.gemv_shape
 
 
 def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> Compute:
@@ -303,7 +305,7 @@ def compute_figures(target: Target, timings: dict[str, Timing], s: Settings) -> 
         gemv[dt] = {b: Figure.rate(weight_bytes, timings[f"{p}.gemv.{dt}.{b}"], 1e9) for b in s.gemv_batches}
     q_out, q_in = quant_shape(s)
     for bits, fmt in QUANT_FORMAT.items():  # packed bytes / s, after the float dtypes
-        packed_bytes = fmt.bytes_for(q_out * q_in)
+        packed_bytes = fmt.bytes_for(q_out * q_in, q_in)
         gemv[f"int{bits}"] = {b: Figure.rate(packed_bytes, timings[f"{p}.gemv.int{bits}.{b}"], 1e9)
                               for b in s.gemv_batches}
     size_dtype = target.dtypes[0]
@@ -414,7 +416,7 @@ def _compute_steps(target: Target, s: Settings) -> list[_Step]:
                        functools.partial(op_overhead_timing, dev, s.overhead_calls, w, r)))
     probe_dtype = target.dtypes[0]
     q_out, q_in = quant_shape(s)
-    steps += [_Step(f"{p}.gemv.int{bits}.{b}", f"{p} int{bits} dequantizing GEMV batch {b}",
+    steps += [_Step(f"{p}.gemv.int{bits}.{b}", f"{p} int{bits} fused GEMV batch {b}",
                     functools.partial(quant_linear_timing, dev, probe_dtype, bits, q_out, q_in, b, w, r,
                                       s.cold_pool_bytes))
               for bits in QUANT_FORMAT for b in s.gemv_batches]

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.errors import SpecError
+from planner.model.hf_families import RUNNABLE_FAMILIES
 from planner.model.inventory import O_BIAS_FAMILIES
 from planner.model.spec import ModelSpec
 
 from .moe import SparseMoE, block_name
 
-# Families this decoder builds (routed experts: executor/moe.py).
-EXECUTOR_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# Families this decoder builds (routed experts: executor/moe.py); the config reader applies its
+# strict checks (rotary details the executor needs) to the same families.
+EXECUTOR_FAMILIES = RUNNABLE_FAMILIES
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -90,6 +92,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     token axis (the same result as repeating K/V per head, without copying the cache)."""
     batch, heads, t, head_dim = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
+    if q_start == 0 and t == s and t > 1:  # a whole prompt: the fused causal kernel, no mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
     groups = heads // kv_heads
     q_folded = q.reshape(batch, kv_heads, groups * t, head_dim)  # row r = group * t + token
     if t == 1:

@@ -8,7 +8,7 @@
   link (up through one staging buffer). A cpu weight marked `prefill_streamed` is streamed
   like a `stream` weight during prefill, so it lives in the pool too.
 - Quantized weights (executor/quant.py) stay packed wherever they are: streamed ones move
-  their codes, scales and zero points and are dequantized where they are multiplied. A
+  their codes, scales and zero points and run a fused quantized kernel there. A
   compensated matrix keeps its CompensatedLinear, whose backbone becomes the placed one, so
   its host branch runs beside the streamed or host matmul as it does beside a resident one.
 - Each layer's KV cache is split as the plan says (executor/attention.py).
@@ -33,7 +33,8 @@ from .attention import HybridKVCache, split_tokens
 from .compensation import CompensatedLinear
 from .model import KVCache, Transformer
 from .moe import module_path
-from .offload_moe import place_bank
+from .offload_moe import expert_linears, place_bank
+from . import qkernels
 from .quant import QuantizedTensor, QuantLinear, quant_matmul
 from .hostmem import HostPool, Uplink, on_host, to_host
 from .streams import Devices, PrefetchEngine
@@ -242,6 +243,7 @@ def apply_plan(model: Transformer, plan: Plan, devices: Devices | None = None,
     dtype = next(p.dtype for n, p in model.named_parameters() if "norm" in n)
     engine = PrefetchEngine(devices)
     uplink = Uplink(devices)
+    _pack_placed(model, plan, devices)
     pool = HostPool(_streamed_host_tensors(model, plan), devices)
     workers: list = []  # the host worker of split expert banks, once one is needed
     resident_bytes = _place_weights(model, plan, devices, engine, stats, uplink, pool, workers)
@@ -284,12 +286,30 @@ def _base_linear(module: nn.Module) -> nn.Module:
     return module.quant if isinstance(module, CompensatedLinear) else module
 
 
+def _pack_placed(model: Transformer, plan: Plan, devices: Devices) -> None:
+    """Each non-resident quantized matrix takes, in place, the layout of the fused kernel that
+    will multiply it (executor/qkernels.py); resident ones pack on their first forward."""
+    for t in plan.model.tensors():
+        device = plan.placement.device(t.name)
+        if device == "gpu" or t.group == "embed" or t.experts:
+            continue
+        module = _base_linear(getattr(*_module(model, t.name)))
+        if isinstance(module, QuantLinear):
+            module.pack_to(qkernels.placed_layout(devices.accelerator, device,
+                                                  plan.placement.streams_for_prefill(t.name)))
+
+
 def _streamed_host_tensors(model: Transformer, plan: Plan) -> list[Tensor]:
     """The host tensors of every matrix that streams in some phase: what the pool holds."""
     placement = plan.placement
-    return [tensor for t in plan.model.tensors() if t.group != "embed" and not t.experts
-            and (placement.device(t.name) == "stream" or placement.streams_for_prefill(t.name))
-            for tensor in host_tensors(_base_linear(getattr(*_module(model, t.name))))]
+    out = [tensor for t in plan.model.tensors() if t.group != "embed" and not t.experts
+           and (placement.device(t.name) == "stream" or placement.streams_for_prefill(t.name))
+           for tensor in host_tensors(_base_linear(getattr(*_module(model, t.name))))]
+    for t in plan.model.tensors():  # a streamed expert bank: every matrix of every expert
+        if t.experts and placement.device(t.name) == "stream":
+            out += [tensor for _, linear in expert_linears(getattr(*_module(model, t.name)), t.name)
+                    for tensor in host_tensors(linear)]
+    return out
 
 
 def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: PrefetchEngine,
@@ -303,6 +323,13 @@ def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: Pre
         device = placement.device(t.name)
         parent, attr = _module(model, t.name)
         module = getattr(parent, attr)
+        if t.experts and device == "stream":  # every expert matrix streams in with its layer
+            for name, linear in expert_linears(module, t.name):
+                expert, attr = module.get_submodule(name[len(t.name) + 1:].rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+                placed = placed_linear(linear, name, "stream", False, devices, engine, stats, uplink, pool)
+                engine.register(name, stage_of[t.name], placed.host_tensors, PHASES)
+                setattr(expert, attr, placed)
+            continue
         if t.experts:  # a layer's routed experts: some resident, the rest on the host worker
             resident_bytes += place_bank(parent, t, plan, devices, engine, uplink, workers, stats)
             continue
@@ -328,8 +355,12 @@ def _place_weights(model: Transformer, plan: Plan, devices: Devices, engine: Pre
         else:
             setattr(parent, attr, placed)
     if plan.model.tied_embeddings and placement.device("lm_head") != "gpu" and placement.device("embed_tokens") == "gpu":
-        # The lookup table is the lm_head weight, which lives on the host: look up there.
-        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight.detach(), devices, uplink)
+        # The lookup table is the lm_head weight, which lives on the host: look up there, in
+        # the head's own host copy when it is a float matrix (no second copy of the table).
+        head = model.lm_head
+        table = head.host_tensors[0] if isinstance(head, PlacedLinear) and isinstance(head.kernel, FloatKernel) \
+            else model.model.embed_tokens.weight.detach()
+        model.model.embed_tokens = HostEmbedding(table, devices, uplink)
     for name, param in model.named_parameters():
         if "norm" in name:
             param.data = param.data.to(devices.accelerator)

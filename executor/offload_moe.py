@@ -116,6 +116,13 @@ def _copy_to(expert: Expert, devices: Devices) -> Expert:
     return copy
 
 
+def expert_linears(experts: nn.ModuleList, bank_name: str) -> list[tuple[str, nn.Linear]]:
+    """(plan-style name, Linear) of every matrix of every expert of a bank, in order:
+    `layers.3.mlp.experts.5.gate_proj` (Mixtral: `.5.w1`)."""
+    return [(f"{bank_name}.{e}.{attr}", getattr(expert, attr))
+            for e, expert in enumerate(experts) for attr in expert._names]
+
+
 def place_bank(block: SparseMoE, bank: TensorSpec, plan: Plan, devices: Devices, engine, uplink: Uplink,
                worker_pool: list, stats) -> int:
     """Place the experts of `bank` (held by `block`); returns the bytes made resident.

@@ -21,7 +21,7 @@ from planner.cost.evaluate import evaluate
 from planner.cost.roofline import h2d_s
 from planner.model.spec import Workload
 
-from .devmem import check_memory, peak_bytes, planned_peak_bytes, reset_peak
+from .devmem import check_memory, peak_bytes, planned_link_host_bytes, planned_peak_bytes, reset_peak
 from .model import EXECUTOR_FAMILIES, Transformer
 from .offload import OffloadHandle, apply_plan
 from .streams import Devices
@@ -91,6 +91,9 @@ class RunReport:
                 ("decode tokens/s", p.decode_tokens_per_s, m.decode_tokens_per_s, "tok/s"),
                 ("accelerator memory", float(planned_peak_bytes(p.vram, not m.accelerator_peak_is_accounted)),
                  float(m.accelerator_peak_bytes), "bytes")]
+        if m.host_page_locked_bytes:
+            rows.append(("host memory for the link", float(planned_link_host_bytes(self.plan, p.host)),
+                         float(m.host_page_locked_bytes), "bytes"))
         streamed_bytes, copy_s = _planned_streaming(self.plan)
         if streamed_bytes > 0 and m.acceptance is None:
             rows.append(("weights streamed per step", float(streamed_bytes), m.streamed_bytes_per_step, "bytes"))
@@ -112,8 +115,7 @@ def _planned_streaming(plan: Plan) -> tuple[int, float]:
 
 
 def _planned_vram(p: PredictedSummary) -> int:
-    v = p.vram
-    return v.weights_bytes + v.kv_bytes + v.buffer_bytes + v.draft_bytes
+    return planned_peak_bytes(p.vram, cuda=False)
 
 
 def check_runnable(plan: Plan, devices: Devices) -> None:
@@ -131,10 +133,6 @@ def check_runnable(plan: Plan, devices: Devices) -> None:
         raise PlanError(f"the plan was made for {plan.profile.accelerator.name} but this machine has no CUDA "
                         "device: run `offplan profile` here (it writes a loopback profile) and solve with "
                         "--hw <that file>")
-    streamed_banks = [t.name for t in plan.model.tensors() if t.experts and plan.placement.device(t.name) == "stream"]
-    if streamed_banks:
-        raise PlanError(f"placement.{streamed_banks[0]}: the executor holds expert banks resident or split "
-                        "with the host, it does not stream them; export this plan to another runtime instead")
     if plan.draft is not None and plan.draft.spec.vocab != plan.model.vocab:
         raise PlanError(f"draft {plan.draft.name!r}: vocabulary {plan.draft.spec.vocab} differs from the target's "
                         f"{plan.model.vocab}")
@@ -276,13 +274,12 @@ def _measure(handle: OffloadHandle, wl: Workload, options: RunOptions, progress:
     steps = max(len(step_times), 1)
     decode_s = sum(step_times)
     copied_bytes, busy_s, wait_s, cpu_s = decode_counters
-    accounted = not devices.cuda
     peak = peak_bytes(devices, handle.accelerator_bytes)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Measured(
         ttft_s=ttft_s, decode_step_s=decode_s / steps,
         decode_tokens_per_s=wl.batch * len(step_times) / decode_s if decode_s else 0.0,
-        accelerator_peak_bytes=int(peak), accelerator_peak_is_accounted=accounted, host_peak_rss_bytes=int(rss),
+        accelerator_peak_bytes=int(peak), accelerator_peak_is_accounted=not devices.cuda, host_peak_rss_bytes=int(rss),
         streamed_bytes_per_step=copied_bytes / steps, link_busy_s_per_step=busy_s / steps,
         link_gbps=copied_bytes / busy_s / 1e9 if busy_s > 0 else 0.0,
         copy_wait_s_per_step=wait_s / steps, cpu_linear_s_per_step=cpu_s / steps,

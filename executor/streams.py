@@ -1,15 +1,16 @@
 """Devices and the double-buffered prefetch engine (host buffers: executor/hostmem.py).
 
-Everything CUDA-specific (pinned memory, a side stream, events) is in the few small
-functions and branches below, each with a CPU twin used by the loopback profile (the CPU
-plays the accelerator, DESIGN §6): there the "link" is a real copy between separate
-buffers, done by a copy thread, so streaming overlaps compute as it would over PCIe.
+Everything CUDA-specific (a side stream, events) is in _CudaCopier, whose CPU twin
+_ThreadCopier serves the loopback profile (the CPU plays the accelerator, DESIGN §6): there
+the "link" is a real copy between separate buffers, done by a copy thread, so streaming
+overlaps compute as it would over PCIe.
 
 PyTorch semantics relied on (CUDA): a copy issued on a side stream with `non_blocking=True`
-from pinned memory runs asynchronously; `Event.record(stream)` marks its completion;
+from page-locked memory runs asynchronously; `Event.record(stream)` marks its completion;
 `current_stream().wait_event(e)` makes later compute wait for it without blocking the host;
 the copy stream waits for an event recorded on the compute stream before it overwrites a
-buffer slot that compute may still be reading.
+buffer slot that compute may still be reading; `elapsed_time` between two timing events
+(both completed) gives the device time between them.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from planner.units import parse_bytes
 T = TypeVar("T")
 
 # Numbers are never negative; these must also be non-zero (a zero would divide or mean nothing).
-_POSITIVE_FIELDS = {"memory_bytes", "mem_bw_gbps", "h2d_gbps", "d2h_gbps", "cores", "bits", "group_size",
+_POSITIVE_FIELDS = {"memory_bytes", "mem_bw_gbps", "h2d_gbps", "d2h_gbps", "cores", "bits",
                     "experts", "active", "expert_intermediate", "factor", "batch", "prompt", "gen",
                     "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "max_context"}
 

@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny ModelSpec and a tiny Hugging Face-format checkpoint.
+"""Shared test helpers: a tiny ModelSpec, a tiny Hugging Face-format checkpoint, and
+`offplan_in_process` (the command line through its entry point, without a child process).
 
 Import the plain functions with `from conftest import tiny_spec, write_tiny_checkpoint`, or use
 the `tiny_checkpoint` fixture. torch is imported lazily so planner tests stay torch-free.

@@ -16,9 +16,9 @@ from planner.cli.common import (BatchOpt, CpuCoresOpt, DramOpt, GenOpt, HostBwOp
                          resolve_workload,
                          run_app)
 from planner.cli.help import OffplanGroup, offplan_version
-from planner.cli.llamacpp_cmds import QuantOpt, predict, solve_llamacpp_command
+from planner.cli.llamacpp_cmds import CtxOpt, QuantOpt, predict, solve_llamacpp_command
 from planner.cost.runtime import runtime_named
-from planner.cli.run_cmds import acceptance, profile, run, sensitivity
+from planner.cli.run_cmds import acceptance, profile, routing, run, sensitivity
 from planner.hardware.profile import load_profile, shipped_profile_names
 from planner.solve.ilp import SolverOptions
 from planner.plan.record import save_plan
@@ -29,6 +29,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Plan and run LLMs on a GPU that is too small for them.")
 hw_app = typer.Typer(no_args_is_help=True, cls=OffplanGroup, help="Hardware profiles: list the shipped ones, show one.")
 app.add_typer(hw_app, name="hw")
+
+
+def _routing(path: Path | None, model_file, runtime: str, no_draft: bool) -> dict | None:
+    """The routing table of `solve --routing`, checked against the model."""
+    if path is None:
+        return None
+    if runtime_named(runtime).name == "llamacpp":
+        raise OffplanError("--routing: llama.cpp keeps a layer's experts together, so which experts are used "
+                           "does not change its plan; use it with --runtime offplan")
+    if model_file.drafts and not no_draft:
+        raise OffplanError("--routing: not combined with the model file's draft candidates yet; add --no-draft")
+    from planner.model.routing import load_routing
+    return load_routing(path, model_file.spec).layers
 
 
 def _print_version(value: bool) -> None:
@@ -50,7 +63,7 @@ def solve(
     vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
     dram: DramOpt = None, cpu_cores: CpuCoresOpt = None,
     prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
-    runtime: RuntimeOpt = "offplan", quant: QuantOpt = None,
+    runtime: RuntimeOpt = "offplan", quant: QuantOpt = None, ctx: CtxOpt = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also score what accelerate / llama.cpp / "
                                                              "stream-all would pick (with --runtime llamacpp: "
                                                              "--fit, largest -ngl, smallest --n-cpu-moe).")] = False,
@@ -59,22 +72,29 @@ def solve(
     time_limit: TimeLimitOpt = 10.0,
     solver: SolverOpt = "auto",
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Ignore the model file's draft candidates.")] = False,
-    accept: Annotated[list[str], typer.Option("--acceptance", help="Measured acceptance of a draft: NAME=RATE "
-                                                                   "(repeat; see `offplan acceptance`).")] = [],
+    accept: Annotated[list[str], typer.Option("--acceptance", metavar="NAME=RATE",
+                                              help="Measured acceptance of a draft (repeat; see "
+                                                   "`offplan acceptance`).")] = [],
     quality: Annotated[Optional[str], typer.Option("--quality", help="Quantized models: 'max' (recover the most "
                        "error within --slack of the fastest plan) or R in 0..1 (fastest plan recovering R).")] = None,
     slack: Annotated[float, typer.Option("--slack", help="With --quality max: allowed slow-down, 0.02 = 2%.")] = 0.02,
     rank_table: Annotated[Optional[Path], typer.Option("--rank-table", help="ranks.yaml from `offplan "
                                                                             "sensitivity`.")] = None,
+    routing_file: Annotated[Optional[Path], typer.Option("--routing", help="MoE models: routing.yaml from "
+                                                                           "`offplan routing`.")] = None,
 ) -> None:
     """Find the fastest placement that fits (and the best draft model), and say why."""
-    check_out_path(out, "--out", {"MODEL": model, "--hw": hw, "--rank-table": rank_table})
+    check_out_path(out, "--out", {"MODEL": model, "--hw": hw, "--rank-table": rank_table, "--routing": routing_file})
     model_file = load_model(model)
+    routing = _routing(routing_file, model_file, runtime, no_draft)
     profile = load_hardware(hw, vram, ram, host_bw, dram, cpu_cores)
     workload = resolve_workload(model_file, prompt, gen, batch)
     if runtime_named(runtime).name == "llamacpp":
         return solve_llamacpp_command(model, model_file, profile, workload, quant, compare, out, json_out,
-                                      SolverOptions(time_limit_s=time_limit, solver=solver))
+                                      SolverOptions(time_limit_s=time_limit, solver=solver), ctx)
+    if not profile.accelerator.present:
+        raise OffplanError(f"--hw {hw}: a machine without a GPU; offplan's executor needs one (or the loopback "
+                           "profile from `offplan profile`): plan a CPU-only llama.cpp run with --runtime llamacpp")
     from planner.model.ranks import load_rank_table
     from planner.solve.entry import SolveRequest, solve_model
     from planner.solve.quality import parse_quality
@@ -87,7 +107,7 @@ def solve(
         SolverOptions(time_limit_s=time_limit, solver=solver, quality=quality_value, quality_mode=quality_mode,
                       slack=slack),
         drafts=not no_draft, acceptance=dict(_parse_acceptance(a) for a in accept),
-        rank_table=load_rank_table(rank_table) if rank_table else None, compare=compare)
+        rank_table=load_rank_table(rank_table) if rank_table else None, compare=compare, routing=routing)
     if json_out:
         result = solve_model(request)
     else:
@@ -116,6 +136,8 @@ def simulate(
                                                        "4MiB; 0 = whole tensors).")] = "4MiB",
     trace: Annotated[Optional[Path], typer.Option("--trace", help="Write a Chrome/Perfetto trace of the workload.")] = None,
     json_out: JsonOpt = False,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="llamacpp: the plan as llama.cpp would run it "
+                                                                     "(default for llama.cpp plans).")] = None,
 ) -> None:
     """Replay a plan as events on accelerator, link and CPU: Gantt of one decode step + summary."""
     from planner.cli.render_gantt import gantt, summary_table
@@ -125,6 +147,9 @@ def simulate(
     check_out_path(trace, "--trace", {"PLAN": plan_file, "--hw": hw})
     plan = load_plan_file(plan_file)
     profile = load_hardware(hw, vram, ram, host_bw) if hw else None
+    if (runtime_named(runtime).name == "llamacpp") if runtime else plan.runtime == "llamacpp":
+        from planner.cli.llamacpp_cmds import simulate_llamacpp
+        return simulate_llamacpp(plan, profile, json_out)
     if profile is None and (vram or ram or host_bw):
         from planner.hardware.profile import with_overrides
         profile = with_overrides(plan.profile, parse_bytes(vram, "--vram") if vram else None,
@@ -153,14 +178,20 @@ def compare_hardware(
     hw: Annotated[list[str], typer.Option("--hw", help="Profiles to compare (repeat the option).")],
     vram: VramOpt = None, ram: RamOpt = None, host_bw: HostBwOpt = None,
     prompt: PromptOpt = None, gen: GenOpt = None, batch: BatchOpt = None,
-    time_limit: TimeLimitOpt = 10.0, json_out: JsonOpt = False,
+    time_limit: TimeLimitOpt = 10.0, json_out: JsonOpt = False, runtime: RuntimeOpt = "offplan",
 ) -> None:
     """Solve the best plan on each profile and compare them in one table."""
     from planner.errors import InfeasiblePlanError, SolverStoppedError
     from planner.cli.render_compare import hardware_table
-    from planner.solve.entry import SolveRequest, solve_model
     model_file = load_model(model)
     rows = []
+    if runtime_named(runtime).name == "llamacpp":
+        from planner.cli.llamacpp_cmds import solve_llamacpp_rows
+        rows = solve_llamacpp_rows(model_file, hw, lambda n: load_hardware(n, vram, ram, host_bw),
+                                   lambda m: resolve_workload(m, prompt, gen, batch),
+                                   SolverOptions(time_limit_s=time_limit))
+        hw = []
+    from planner.solve.entry import SolveRequest, solve_model
     for name in hw:
         profile = load_hardware(name, vram, ram, host_bw)
         request = SolveRequest(model_file, profile, resolve_workload(model_file, prompt, gen, batch),
@@ -190,13 +221,18 @@ app.command()(run)
 app.command()(profile)
 app.command()(acceptance)
 app.command()(sensitivity)
+app.command()(routing)
 
 
 @app.command()
 def export(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by `offplan solve --out`.", metavar="PLAN")],
-    to: Annotated[str, typer.Option("--to", help="llamacpp (flags), hf (device_map JSON) or json (the plan).")] = "llamacpp",
+    to: Annotated[str, typer.Option("--to", help="llamacpp (flags), hf (device_map JSON), ktransformers (MoE "
+                                                 "flags of SGLang-KT) or json (the plan).")] = "llamacpp",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to a file instead of stdout.")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="llamacpp: a llama-server command line for "
+                       "the nearest llama.cpp placement, with its predicted speed (default for plans solved "
+                       "with --runtime llamacpp).")] = None,
 ) -> None:
     """Translate a plan for other runtimes (what they cannot express is said on stderr)."""
     import shlex
@@ -205,16 +241,24 @@ def export(
     from planner.schema import atomic_write
     check_out_path(out, "--out", {"PLAN": plan_file})
     plan = load_plan_file(plan_file)
-    if to == "llamacpp":
+    llama_runtime = runtime_named(runtime).name == "llamacpp" if runtime else plan.runtime == "llamacpp"
+    if to == "llamacpp" and llama_runtime:
+        from planner.cli.llamacpp_cmds import export_llamacpp_text
+        text, notes = export_llamacpp_text(plan)
+    elif to == "llamacpp":
         args, notes = llamacpp_args(plan)
         text = " ".join(shlex.quote(a) for a in args) + "\n"
     elif to == "hf":
         device_map, notes = hf_device_map(plan)
         text = json.dumps(device_map, indent=1) + "\n"
+    elif to == "ktransformers":
+        from planner.plan.export_moe import ktransformers_args
+        args, notes = ktransformers_args(plan)
+        text = " ".join(shlex.quote(a) for a in args) + "\n"
     elif to == "json":
         text, notes = plan_json(plan) + "\n", []
     else:
-        raise OffplanError(f"--to {to!r}: choose llamacpp, hf or json")
+        raise OffplanError(f"--to {to!r}: choose llamacpp, hf, ktransformers or json")
     for note in notes:
         err_console.print(f"note: {note}", highlight=False)
     if out is None:

@@ -118,8 +118,7 @@ def check_out_path(out: Path | None, flag: str = "--out",
 
     `inputs` maps how each file was given ("MODEL", "--hw", ...) to its path (None, a preset
     name or a directory are fine: only files that exist, and a directory's model files, count).
-    Writability is probed by creating and removing a file beside `out` (as root, os.access
-    says yes even where nothing can be created)."""
+    Writability is probed by creating and removing a file beside `out`."""
     if out is None:
         return
     path = out.expanduser()
@@ -136,10 +135,16 @@ def check_out_path(out: Path | None, flag: str = "--out",
                 what = label if label.startswith("-") else f"the {label}"
                 raise OffplanError(f"{flag} {out}: is the same file as {what} {source}; offplan never "
                                    f"overwrites a file it reads, give another {flag}")
+    check_writable_dir(parent, f"{flag} {out}")
+
+
+def check_writable_dir(directory: Path, label: str) -> None:
+    """Create and remove a file in `directory` (as root, os.access says yes even where nothing
+    can be created); OffplanError naming `label` if that fails."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=".offplan-write-check.", dir=directory)
     except OSError as exc:
-        raise OffplanError(f"{flag} {out}: cannot write in {parent} ({exc.strerror or exc})") from None
+        raise OffplanError(f"{label}: cannot write in {directory} ({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(probe)
 

@@ -63,7 +63,7 @@ def layer_signature(plan: Plan, layer: int) -> str:
 
 
 def experts_phrase(plan: Plan, bank) -> str:
-    """'experts 38 of 128 gpu (61% of routed tokens)' for one layer's expert bank."""
+    """'experts: 38 of 128 on the GPU, taking 61% of routed tokens' for one layer's expert bank."""
     p = plan.placement
     if p.device(bank.name) == "stream":
         return f"experts {bank.experts} streamed"
@@ -71,7 +71,7 @@ def experts_phrase(plan: Plan, bank) -> str:
     if n in (0, bank.experts):
         return f"experts {'gpu' if n else 'cpu'}"
     share = plan.routed_share(bank, n)
-    return f"experts {n} of {bank.experts} gpu ({share:.0%} of routed tokens)"
+    return f"experts: {n} of {bank.experts} on the GPU, taking {share:.0%} of routed tokens"
 
 
 def placement_ranges(plan: Plan) -> list[tuple[str, str]]:
@@ -177,6 +177,11 @@ def plan_json(plan: Plan, baselines: list | None = None) -> dict:
         "solver": plan.provenance.solver, "solver_status": plan.provenance.solver_status,
         "solve_time_s": plan.provenance.solve_time_s,
     }
+    banks = [t for t in plan.model.tensors() if t.experts]
+    if banks:  # per MoE layer: resident experts and the share of routed tokens they take
+        on_gpu = {t.layer: plan.placement.experts_on_gpu(t) for t in banks}
+        out["experts"] = [{"layer": t.layer, "on_gpu": on_gpu[t.layer], "of": t.experts,
+                           "routed_share": plan.routed_share(t, on_gpu[t.layer])} for t in banks]
     if plan.draft:
         out["draft"] = {"name": plan.draft.name, "gamma": plan.draft.gamma, "acceptance": plan.draft.acceptance,
                         "expected_tokens": pr.expected_tokens}

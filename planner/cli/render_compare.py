@@ -22,7 +22,7 @@ def hardware_table(rows) -> FitTable:
     table.add_column("bound by")
     table.add_column("tok/s per\n$1000", justify="right", no_wrap=True)
     for label, profile, prediction, reason in rows:
-        vram = fmt_bytes(profile.accelerator.memory_bytes)
+        vram = fmt_bytes(profile.accelerator.memory_bytes) if profile.accelerator.present else "none"
         if prediction is None:
             table.add_row(label, vram, f"[red]no[/]: {reason.split(';')[0]}", "-", "-", "-", "-")
             continue

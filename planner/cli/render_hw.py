@@ -198,7 +198,7 @@ def profiles_overview_table(profiles: list[HardwareProfile], names: list[str] | 
     for p, name in zip(profiles, names or [p.name for p in profiles]):
         a = p.accelerator
         bf16 = a.flops_tflops.get("bf16")
-        table.add_row(name, a.name, fmt_bytes(a.memory_bytes), fmt_rate(a.mem_bw_gbps),
+        table.add_row(name, a.name, fmt_bytes(a.memory_bytes) if a.present else "none", fmt_rate(a.mem_bw_gbps),
                       fmt_rate(bf16) if bf16 is not None else "—", fmt_rate(p.link.h2d_gbps),
                       fmt_bytes(p.host.memory_bytes), fmt_rate(p.host.mem_bw_gbps),
                       f"${p.price_usd:,.0f}" if p.price_usd else "—", p.source.kind)

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from planner.cli.common import (GenOpt, PromptOpt, ThreadsOpt, check_out_path, console, err_console, load_model,
-                                 load_plan_file)
+from planner.cli.common import (GenOpt, PromptOpt, ThreadsOpt, check_out_path, check_writable_dir, console,
+                                 err_console, load_model, load_plan_file)
 from planner.errors import OffplanError
 from planner.cli.render import model_line
 from planner.units import error_pct, fmt_bytes, fmt_seconds
@@ -94,7 +94,7 @@ def run_report_json(report) -> dict:
 
 
 def profile(
-    quick: Annotated[bool, typer.Option("--quick", help="About 30 s instead of a few minutes.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer sizes and repeats than the full run.")] = False,
     threads: ThreadsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Profile file (default hwprofiles/<host>-<gpu>.yaml).")] = None,
 ) -> None:
@@ -103,6 +103,10 @@ def profile(
     from planner.hardware.profile import save_profile
     from planner.cli.render_hw import profile_table
     check_out_path(out, "--out")
+    if out is None:  # the default, hwprofiles/<host>-<gpu>.yaml, is named after measuring
+        default_dir = Path("hwprofiles")
+        check_writable_dir(default_dir if default_dir.is_dir() else Path.cwd(),
+                           "profile (writes to hwprofiles/ by default; give --out FILE)")
     try:
         from executor.profiler import busy_note, default_profile_path, profile_machine
     except ModuleNotFoundError as exc:
@@ -203,3 +207,34 @@ def missing_run_extra(command: str, exc: ModuleNotFoundError) -> OffplanError:
     """`offplan run` and friends import torch lazily: a missing module means the extra is missing."""
     return OffplanError(f"offplan {command} needs the [run] extra (pip install 'offplan[run]'): "
                         f"{exc.name} is missing")
+
+
+def routing(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory of a mixture-of-experts model.")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="One prompt per line: token ids, or JSON "
+                                                            '{"tokens": [...]}.')],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Write the routing table (routing.yaml).")],
+) -> None:
+    """Count the tokens each expert of each MoE layer receives on a prompt file; plan with it
+    by `offplan solve MODEL --routing FILE`."""
+    from planner.model.routing import save_routing
+    check_out_path(out, "--out", {"CHECKPOINT": checkpoint, "--prompts": prompts})
+    try:
+        from executor.routing import measure_routing
+        from executor.speculative import load_prompts, prompt_tensors
+        from executor.weights import load_checkpoint
+    except ModuleNotFoundError as exc:
+        raise missing_run_extra("routing", exc) from None
+    with console.status("loading the model...", spinner="dots") as status:
+        spec, model = load_checkpoint(checkpoint)
+        if spec.moe is None:
+            raise OffplanError(f"{checkpoint}: {spec.name} has no routed experts; routing tables are for "
+                               "mixture-of-experts models")
+        token_lists = load_prompts(prompts, vocab=spec.vocab)
+        status.update(f"routing {len(token_lists)} prompts")
+        table = measure_routing(model, prompt_tensors(token_lists))
+    save_routing(table, out)
+    shares = [table.top_share(layer, max(spec.moe.experts // 4, 1)) for layer in table.layers]
+    console.print(f"routed {table.tokens} tokens through {len(table.layers)} MoE layers; the most used quarter "
+                  f"of the experts took {min(shares):.0%}-{max(shares):.0%} of each layer's routed tokens")
+    console.print(f"routing table written to [bold]{out}[/]; use it with `offplan solve MODEL --routing {out}`")

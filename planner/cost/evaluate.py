@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from planner.cost.attention import kv_options
+from planner.cost.moe import routing_shares
 from planner.cost.options import KVOption, Scenario, TensorOption, head_fixed, layer_fixed, tensor_options
 from planner.cost.terms import (acc_workspace_bytes, draft_prefill_s, draft_step_s, draft_vram_bytes,
                          host_staging_bytes)
@@ -57,7 +58,7 @@ def option_tables(scn: Scenario, rule: StageRule = OFFPLAN_RULE) -> OptionTables
     cache: dict[tuple, list[TensorOption]] = {}
     tensor = {}
     for t in spec.tensors():
-        key = (replace(t, name="", layer=None), scn.routing_shares(t.layer) if t.experts else None)
+        key = (replace(t, name="", layer=None), routing_shares(scn, t.layer) if t.experts else None)
         if key not in cache:
             cache[key] = tensor_options(scn, t)
         tensor[t.name] = cache[key]

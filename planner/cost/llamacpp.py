@@ -14,9 +14,10 @@ its parts, not a max of overlapping resources.
   buffer for one micro-batch; the CUDA context is the profile's reserve. Host = the rest of
   the weights (token embeddings always), the host KV cache and the CPU compute buffer.
 
-The efficiencies llama.cpp reaches that no datasheet gives are in LlamaCppFit; the values
-below were fitted on one half of benchmarks/published/rows.yaml (benchmarks/published.py
-prints the error on the other half).
+The efficiencies llama.cpp reaches that no datasheet gives are in LlamaCppFit. Their values
+were fitted by `python benchmarks/published.py --fit` on the even-numbered half of the
+llama.cpp rows with stated hardware in benchmarks/published/rows.yaml (mean |log error| over
+their pp and tg figures); the same script reports the other half as held out.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ ACT_BYTES = 4  # llama.cpp passes activations between backends in F32
 class LlamaCppFit:
     """What llama.cpp reaches where no datasheet says (fitted, see the module docstring)."""
 
-    switch_s: float = 60e-6  # one change of backend in the graph: stream sync, copy call, CPU threads waking
-    token_s: float = 300e-6  # fixed cost per decode step (graph build, launches not hidden, sampling)
+    switch_s: float = 100e-6  # one change of backend in the graph: stream sync, copy call, CPU threads waking
+    token_s: float = 600e-6  # fixed cost per decode step (graph build, launches not hidden, sampling)
     gpu_prefill_efficiency: float = 0.8  # share of the fp16 tensor peak prompt matmuls reach
-    cpu_prefill_efficiency: float = 0.5  # share of the host's best peak flops prompt matmuls reach
-    core_read_gbps: float = 20.0  # DRAM read rate one CPU thread sustains in a quantized GEMV
+    cpu_prefill_efficiency: float = 0.25  # share of the host's best peak flops prompt matmuls reach
+    core_read_gbps: float = 30.0  # DRAM read rate one CPU thread sustains in a quantized GEMV
+    cpu_op_s: float = 20e-6  # per CPU-computed matmul or attention and pass: the threads' barrier and wake-up
+    cpu_expert_efficiency: float = 0.45  # expert banks' prompt matmuls on the CPU, relative to dense ones
+    gpu_op_s: float = 0.0  # per GPU matmul or attention and pass: kernel launch and tail not hidden
+    cpu_attention_efficiency: float = 0.6  # CPU attention over a host cache, relative to CPU prompt matmuls
 
 
 FIT = LlamaCppFit()
@@ -63,6 +68,11 @@ class LlamaCppSettings:
     threads: int = 0  # -t; 0 = every core
     cache_type_k: str = "F16"
     cache_type_v: str = "F16"
+    # False: builds before llama.cpp PR #6083 (March 2024), where host-held weights were
+    # multiplied by the CPU at every batch size.
+    offload_large_batches: bool = True
+    # True: builds of 2023, which computed logits for every prompt token, not only the last.
+    logits_all: bool = False
 
     @property
     def micro_batch(self) -> int:
@@ -169,8 +179,11 @@ def _matmul(scn: LlamaScenario, t: GgufTensor, rows: int, device: str) -> PathCo
     read = t.n_bytes * touched_fraction(t.route_prob, rows)
     flops = t.flops_per_token * rows
     if device == "gpu":
-        return PathCost(acc_s=roofline_s(flops, read, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, 0.0))
-    return PathCost(cpu_s=roofline_s(flops, read, host_flops(scn), host_read_gbps(scn) * 1e9, 0.0))
+        return PathCost(acc_s=roofline_s(flops, read, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, scn.fit.gpu_op_s))
+    # Expert banks multiply a few rows per expert (rows x active / experts): the CPU kernels'
+    # blocking pays for it.
+    cpu_flops = host_flops(scn) * (scn.fit.cpu_expert_efficiency if t.kind.endswith("_exps") else 1.0)
+    return PathCost(cpu_s=roofline_s(flops, read, cpu_flops, host_read_gbps(scn) * 1e9, scn.fit.cpu_op_s))
 
 
 def weight_decode(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
@@ -180,7 +193,7 @@ def weight_decode(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
 
 
 def copied_to_gpu(scn: LlamaScenario, rows: int) -> bool:
-    return scn.has_gpu and rows >= LLAMACPP.prefill_copy_min_rows
+    return scn.has_gpu and scn.settings.offload_large_batches and rows >= LLAMACPP.prefill_copy_min_rows
 
 
 def weight_prefill(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
@@ -188,7 +201,7 @@ def weight_prefill(scn: LlamaScenario, t: GgufTensor, device: str) -> PathCost:
     per sequence: llama-bench and servers take logits of the last prompt token)."""
     if t.kind == "token_embd":
         return PathCost()
-    if t.kind == "output":
+    if t.kind == "output" and not scn.settings.logits_all:
         return _matmul(scn, t, scn.workload.batch, device)
     total = PathCost()
     for rows, _ in scn.micro_batches():
@@ -207,8 +220,9 @@ def _attention_s(scn: LlamaScenario, rows: int, depth: float, on_gpu: bool, sequ
     flops = 4.0 * spec.heads * spec.head_dim * rows * depth
     kv_bytes = scn.kv_bytes_per_token_layer * depth * sequences
     if on_gpu:
-        return PathCost(acc_s=roofline_s(flops, kv_bytes, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, 0.0))
-    return PathCost(cpu_s=roofline_s(flops, kv_bytes, host_flops(scn), host_read_gbps(scn) * 1e9, 0.0))
+        return PathCost(acc_s=roofline_s(flops, kv_bytes, gpu_flops(scn), gpu_read_gbps(scn) * 1e9, scn.fit.gpu_op_s))
+    cpu_flops = host_flops(scn) * scn.fit.cpu_attention_efficiency  # per-head kernels, not tiled GEMMs
+    return PathCost(cpu_s=roofline_s(flops, kv_bytes, cpu_flops, host_read_gbps(scn) * 1e9, scn.fit.cpu_op_s))
 
 
 def attention_decode(scn: LlamaScenario, on_gpu: bool) -> PathCost:

@@ -33,11 +33,20 @@ def expert_counts(experts: int) -> tuple[int, ...]:
     return tuple(sorted({round(level * experts) for level in EXPERT_LEVELS}))
 
 
+def routing_shares(scn, layer: int | None) -> tuple[float, ...] | None:
+    """Each expert's share of layer `layer`'s routed tokens, most used first (None: uniform)."""
+    counts = (scn.routing or {}).get(layer) if layer is not None else None
+    if not counts or sum(counts) <= 0:
+        return None
+    total = float(sum(counts))
+    return tuple(sorted((c / total for c in counts), reverse=True))
+
+
 def expert_probs(scn, t: TensorSpec) -> tuple[float, ...]:
     """Per-token probability that each expert of bank `t` runs, most used first: `active`
     times its share of routed tokens (uniform without a routing table)."""
     active = round(t.route_prob * t.experts)
-    shares = scn.routing_shares(t.layer) if scn.routing is not None else None
+    shares = routing_shares(scn, t.layer)
     if shares is None:
         return (t.route_prob,) * t.experts
     return tuple(min(active * s, 1.0) for s in shares)
@@ -69,6 +78,17 @@ def _part(scn, t: TensorSpec, probs: tuple[float, ...], rows: int, on_host: bool
     seconds = op(scn.profile, scn.compute_dtype, assignments * expert_flops, read + act, max(assignments, 1.0),
                  t.expert_bytes * len(probs), read_dtype)
     return (PathCost(cpu_s=seconds) if on_host else PathCost(acc_s=seconds)), read
+
+
+def bank_parts(scn, t: TensorSpec, n: int, rows: int) -> tuple[float, float, float, float]:
+    """A split bank's two branches for `rows` tokens, as the simulator schedules them:
+    (accelerator s, hidden states down s, host experts s incl. the worker hand-off, outputs up s)."""
+    probs = expert_probs(scn, t)
+    acc, _ = _part(scn, t, probs[:n], rows, on_host=False)
+    host, _ = _part(scn, t, probs[n:], rows, on_host=True)
+    row_bytes = rows * t.cols * scn.act_bytes
+    return (acc.acc_s, d2h_s(scn.profile, row_bytes), host.cpu_s + scn.profile.host.task_overhead_s,
+            h2d_s(scn.profile, row_bytes))
 
 
 def _split_cost(scn, t: TensorSpec, probs: tuple[float, ...], n: int, rows: int,

@@ -50,14 +50,6 @@ class Scenario:
     rank_recovery: dict[str, dict[int, float]] = field(default_factory=dict)  # tensor kind -> rank -> recovered fraction
     routing: dict[int, tuple[float, ...]] | None = None  # MoE layer -> routed tokens per expert (planner/cost/moe.py)
 
-    def routing_shares(self, layer: int | None) -> tuple[float, ...] | None:
-        """Each expert's share of layer `layer`'s routed tokens, most used first (None: uniform)."""
-        counts = (self.routing or {}).get(layer) if layer is not None else None
-        if not counts or sum(counts) <= 0:
-            return None
-        total = float(sum(counts))
-        return tuple(sorted((c / total for c in counts), reverse=True))
-
     @property
     def verify_tokens(self) -> int:
         return self.gamma + 1
@@ -274,7 +266,7 @@ def elementwise_bytes(hidden: int, intermediate: int, rows: float, act_bytes: in
 def layer_fixed(scn: Scenario, rows: int) -> PathCost:
     """Element-wise work of one decoder layer (norms, rotary, residuals, activation)."""
     spec = scn.spec
-    n_bytes = elementwise_bytes(spec.hidden, spec.intermediate, rows, scn.act_bytes)
+    n_bytes = elementwise_bytes(spec.hidden, spec.ffn_width, rows, scn.act_bytes)
     a = scn.profile.accelerator
     rate_gbps = a.elementwise_gbps or a.mem_bw_gbps
     return PathCost(acc_s=layer_dispatch_s(scn.profile) + n_bytes / (rate_gbps * 1e9))

@@ -7,12 +7,27 @@ from planner.cost.attention import attention_decode, attention_prefill
 from planner.cost.options import Scenario, head_fixed, layer_fixed, matmul_on_acc
 
 
+# Split-KV prefill attention holds at most this many fp32 scores at once (executor/attention.py).
+SCORE_CHUNK_ELEMENTS = 2 ** 21
+KERNEL_ACT_BYTES = 2  # the fused quantized kernels take and return bf16 (executor/qkernels.py)
+
+
 def acc_workspace_bytes(scn: Scenario) -> int:
-    """Activations of the largest forward pass (prefill of the whole prompt) plus fp32 logits
-    for the last positions. Attention scores are not materialised (fused attention)."""
+    """Peak temporaries of the largest forward pass (prefill of the whole prompt), as the
+    executor allocates them (executor/model.py), per prompt row the larger of a layer's two
+    phases: residual stream, normed input and RMSNorm's temporaries (4 rows of hidden) plus
+    either the MLP's gate, SiLU and up outputs (3 of intermediate; with packed weights also the
+    kernel's bf16 copies of the widest matrix's input and output) or attention's q, k, v, RoPE's
+    rotated copies and output ((heads + 2 kv_heads) + 3 heads of head_dim; causal attention is
+    fused, no scores). Plus the split-KV prefill's bounded score chunk and fp32 logits."""
     spec = scn.spec
-    per_row = 2 * spec.hidden + (spec.heads + 2 * spec.kv_heads) * spec.head_dim + 2 * spec.intermediate
-    return scn.prefill_rows * per_row * scn.act_bytes + scn.decode_rows * spec.vocab * 4
+    mlp = 3 * spec.ffn_width * scn.act_bytes
+    if spec.quantization is not None:
+        mlp += (spec.hidden + spec.ffn_width) * KERNEL_ACT_BYTES
+    attn = (spec.heads * 4 + 2 * spec.kv_heads) * spec.head_dim * scn.act_bytes
+    per_row = 4 * spec.hidden * scn.act_bytes + max(mlp, attn)
+    scores = min(SCORE_CHUNK_ELEMENTS, scn.workload.batch * spec.heads * scn.workload.prompt ** 2)
+    return scn.prefill_rows * per_row + scores * (4 + scn.act_bytes) + scn.decode_rows * spec.vocab * 4
 
 
 def host_staging_bytes(scn: Scenario) -> int:
@@ -21,7 +36,7 @@ def host_staging_bytes(scn: Scenario) -> int:
     page-locked staging buffer it goes up from (as wide as the widest output). Widest: a
     prefill MLP up-projection, or the lm_head's logits in decode."""
     spec = scn.spec
-    mlp = scn.prefill_rows * (spec.hidden + 2 * spec.intermediate)
+    mlp = scn.prefill_rows * (spec.hidden + 2 * spec.ffn_width)
     head = scn.decode_rows * (spec.hidden + 2 * spec.vocab)
     return max(mlp, head) * scn.act_bytes
 

@@ -19,7 +19,7 @@ FAMILY_OF = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral"
              "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "gpt_oss": "gpt_oss",
              "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",
              "glm4_moe": "glm4_moe", "gemma3": "gemma3", "gemma3_text": "gemma3"}
-# Families offplan's own executor runs; the others are planned (and exported) only.
+# Families offplan's own executor builds (executor/model.py); the others are planned and exported.
 RUNNABLE_FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3_moe")
 # MXFP4 (OCP microscaling): 4-bit E2M1 values with one 8-bit E8M0 scale per 32 = 4.25 bits.
 MXFP4_BITS = 4.25

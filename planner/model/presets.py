@@ -52,6 +52,10 @@ def _moe_presets() -> list[ModelSpec]:
                   heads=128, kv_heads=128, head_dim=192, vocab=129280, max_context=163840, rms_eps=1e-6,
                   quantization=Quantization(bits=8, group_size=8192), mla=MLA(1536, 512, 128, 64, 128),
                   moe=MoE(256, 8, 2048, shared_intermediate=2048, dense_first=3, router_bias=True)),
+        ModelSpec(name="deepseek-v2-lite", family="deepseek_v2", layers=27, hidden=2048, intermediate=10944,
+                  heads=16, kv_heads=16, head_dim=192, vocab=102400, max_context=163840, rms_eps=1e-6,
+                  mla=MLA(0, 512, 128, 64, 128),
+                  moe=MoE(64, 6, 1408, shared_intermediate=2816, dense_first=1)),
         ModelSpec(name="mixtral-8x7b", family="mixtral", layers=32, hidden=4096, intermediate=14336, heads=32,
                   kv_heads=8, vocab=32000, max_context=32768, rope_theta=1000000.0, moe=MoE(8, 2, 14336)),
     ]

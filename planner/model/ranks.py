@@ -6,7 +6,7 @@ tail(r) / tail(0) (1.0 at rank 0, 0.0 at full rank), measured activation-aware w
 calibration prompts were run, else from the plain SVD of the error. The planner reads it as
 *recovered* fractions, 1 - remaining, keyed by tensor kind (q_proj, down_proj, ...): the
 mean over layers. Kind-level recovery keeps the ILP small (layers sharing a configuration
-share their coefficients, see planner/solve/problem.py layer_groups) and is what `Scenario.rank_recovery` holds.
+share their coefficients, see planner/solve/groups.py) and is what `Scenario.rank_recovery` holds.
 
     version: 1
     model: llama-3.1-8b

@@ -21,15 +21,18 @@ FFN_KINDS = ("swiglu", "geglu", "plain")
 
 @dataclass(frozen=True)
 class Quantization:
-    """Group-wise integer weights: `bits` per weight plus one fp16 scale (and zero point when
-    asymmetric) per `group_size` weights along the input dimension."""
+    """Group-wise integer weights: `bits` per weight plus one 16-bit scale (and zero point when
+    asymmetric) per `group_size` weights along the input dimension; `group_size` 0 means one
+    group per row (per output channel, the layout of PyTorch's fused int8 kernel)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
 
-    def bytes_for(self, n_weights: int) -> int:
-        n_groups = -(-n_weights // self.group_size)
+    def bytes_for(self, n_weights: int, row_length: int = 0) -> int:
+        """Packed bytes of `n_weights` weights in rows of `row_length` (needed when per row)."""
+        group = self.group_size or row_length or n_weights
+        n_groups = -(-n_weights // group)
         per_group_bytes = 2 if self.symmetric else 4
         return -(-n_weights * self.bits // 8) + n_groups * per_group_bytes
 
@@ -179,6 +182,15 @@ class ModelSpec:
         return self.kv_cache_bytes(context) / (self.layers * max(context, 1))
 
     @property
+    def ffn_width(self) -> int:
+        """Feed-forward activations per token at the widest layer: a dense MLP's intermediate,
+        or the active and shared experts' widths together in an MoE layer."""
+        if self.moe is None:
+            return self.intermediate
+        routed = self.moe.active * self.moe.expert_intermediate + self.moe.shared_intermediate
+        return max(routed, self.intermediate if self.moe.dense_first else 0)
+
+    @property
     def kv_bytes_per_token(self) -> int:
         return self.kv_bytes_per_token_layer * self.layers
 
@@ -200,7 +212,7 @@ class ModelSpec:
         if bits is not None:
             return int(round(rows * cols * bits / 8))
         if self.quantization is not None and quantizable:
-            return self.quantization.bytes_for(rows * cols)
+            return self.quantization.bytes_for(rows * cols, cols)
         return rows * cols * self.weight_elt_bytes
 
     @cached_property
@@ -311,8 +323,9 @@ def validate_spec(spec: ModelSpec) -> None:
     if q is not None:
         if q.bits not in (2, 3, 4, 5, 6, 8):
             raise SpecError(f"quantization.bits: must be one of 2, 3, 4, 5, 6, 8, got {q.bits}")
-        if q.group_size <= 0:
-            raise SpecError(f"quantization.group_size: must be positive, got {q.group_size}")
+        if q.group_size < 0:
+            raise SpecError(f"quantization.group_size: must be positive (or 0: one scale per "
+                            f"output channel), got {q.group_size}")
     m = spec.moe
     if m is not None and not (0 < m.active <= m.experts and m.expert_intermediate > 0):
         raise SpecError("moe: need 0 < active <= experts and expert_intermediate > 0")

@@ -8,6 +8,7 @@ as many as the plan's resident expert bytes allow, the others on the CPU.
 
 from __future__ import annotations
 
+from planner.errors import PlanError
 from planner.plan.record import Plan
 
 # ModelSpec tensor kind -> llama.cpp tensor base name (alternatives where converters differ:
@@ -69,3 +70,21 @@ def hf_module(plan: Plan, name: str) -> str:
     if plan.model.family == "gpt_oss" and name.endswith(".mlp.gate"):
         return "model." + name[: -len("gate")] + "router"
     return f"model.{name}"
+
+
+def ktransformers_args(plan: Plan) -> tuple[list[str], list[str]]:
+    """SGLang-KT's `--kt-num-gpu-experts N`: one resident count for every MoE layer, the plan's
+    mean (rounded down, so it fits), placed by routing frequency when the plan had a table."""
+    banks = [t for t in plan.model.tensors() if t.experts]
+    if not banks:
+        raise PlanError("--to ktransformers: the plan's model has no routed experts")
+    counts = [plan.placement.experts_on_gpu(t) if plan.placement.device(t.name) != "stream" else 0 for t in banks]
+    strategy = "frequency" if plan.routing else "uniform"
+    args = ["--kt-num-gpu-experts", str(sum(counts) // len(counts)), "--kt-expert-placement-strategy", strategy]
+    notes = []
+    if len(set(counts)) > 1:
+        notes.append(f"KTransformers keeps the same number of experts on the GPU in every layer: the plan's "
+                     f"{min(counts)}-{max(counts)} per layer become {sum(counts) // len(counts)}")
+    notes.append("attention, routers and shared experts stay on the GPU in KTransformers; offplan's other "
+                 "placements (streamed or host-computed dense tensors, split KV cache) have no equivalent there")
+    return args, notes

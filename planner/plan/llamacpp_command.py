@@ -4,7 +4,8 @@
 that differ from what `-ngl` alone would do become `-ot` overrides, merged into a few
 regexes over the GGUF names (one per set of layers, listing the matrix kinds), or
 `--n-cpu-moe N` when the difference is exactly the experts of the first N layers. Patterns
-are anchored, so `^output\\.weight` does not also match `blk.N.attn_output.weight`.
+are anchored, so `^output\\.weight` does not also match `blk.N.attn_output.weight`; a matrix's
+bias (qwen2's attn_q.bias, gpt-oss's expert biases) goes where its matrix goes.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def merge_patterns(scn: LlamaScenario, names: set[str]) -> list[str]:
         by_layers.setdefault(tuple(sorted(layers)), []).append(kind)
     for layers, kinds in sorted(by_layers.items()):
         kind_re = kinds[0] if len(kinds) == 1 else "(" + "|".join(sorted(kinds)) + ")"
-        patterns.append(rf"^blk\.{_layers_regex(list(layers), scn.spec.layers)}\.{kind_re}\.weight$")
+        patterns.append(rf"^blk\.{_layers_regex(list(layers), scn.spec.layers)}\.{kind_re}\.(weight|bias)$")
     return patterns
 
 

@@ -32,6 +32,17 @@ IGNORED_WHY = {"-mla": "ik_llama.cpp option, not modelled", "-amb": "ik_llama.cp
                "-p": "use --prompt", "-n": "use --gen", "-d": "use --prompt for the cache depth"}
 
 
+# Flags that change placement, speed or memory (parse_llamacpp_flags reads them).
+MODELLED = ("-ngl", "--n-gpu-layers", "--gpu-layers", "-ot", "--override-tensor", "--n-cpu-moe", "-ncmoe",
+            "--cpu-moe", "-cmoe", "-nkvo", "--no-kv-offload", "-fa", "--flash-attn", "--no-mmap", "-mmap", "-c",
+            "--ctx-size", "-ub", "--ubatch-size", "-b", "--batch-size", "-t", "--threads", "-ctk", "--cache-type-k",
+            "-ctv", "--cache-type-v")
+
+
+def is_known_flag(flag: str) -> bool:
+    return flag in MODELLED or flag in IGNORED
+
+
 @dataclass(frozen=True)
 class ParsedFlags:
     placement: LlamaPlacement
@@ -126,7 +137,8 @@ def parse_llamacpp_flags(text: str, scn: LlamaScenario) -> ParsedFlags:
                            "(known: -ngl, -ot, --n-cpu-moe, --cpu-moe, -nkvo, -c, -ub, -b, -fa, -ctk, -ctv, "
                            "-t, --no-mmap)")
     if ngl is None:
-        notes.append("no -ngl: nothing offloaded (give -ngl N)")
+        if scn.has_gpu:
+            notes.append("no -ngl: nothing offloaded (give -ngl N)")
         ngl = 0
     if not scn.has_gpu and (ngl or any(gpu for _, gpu in overrides)):
         notes.append(f"{scn.profile.name} has no GPU: -ngl and GPU overrides have no effect")

@@ -32,3 +32,10 @@ def evaluate_llamacpp_plan(plan: Plan, profile: HardwareProfile | None = None) -
     scn = llama_scenario(plan, profile)
     lp, _ = from_placement(scn, plan.placement)
     return evaluate_llamacpp(scn, lp)
+
+
+def llamacpp_export(plan: Plan) -> tuple[LlamaScenario, LlamaPlacement, list[str]]:
+    """The llama.cpp placement nearest to any plan, with what had to change."""
+    scn = llama_scenario(plan)
+    lp, notes = from_placement(scn, plan.placement)
+    return scn, lp, notes

@@ -24,23 +24,21 @@ take slots, as executor/streams.py does, so copies run ahead across resident sta
 `copy_chunk_bytes` splits copies into pieces issued one after another, letting activation
 transfers through between pieces.
 
-Where the simulation differs from the ILP's sum, and why: host-computed matmuls, hybrid
-attention and compensation branches send activations over the link, where they queue
-behind weight copies (the ILP only adds their time to the link operand); draft forwards run
-inside the head's stage, beside the first layer's copy (the ILP adds them after the stage
-max); prefill embeds before the first layer's copy ends. The memory bus is a per-stage
-budget, as in the ILP, not bandwidth shared event by event: the cost model has no figure
-for how a copy and a matmul divide the bus between them, only for their sum.
+Where it differs from the ILP's sum, and why: activations of host matmuls, hybrid attention
+and compensation queue behind weight copies on the link (the ILP adds their time to the link
+operand); draft forwards run beside the first layer's copy (the ILP adds them after the
+stage max); the memory bus is a per-stage budget, not bandwidth shared event by event (no
+measured figure says how a copy and a matmul divide it).
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, replace
 from functools import partial
 
 from planner.cost.evaluate import Prediction, chosen_options, find_option, option_tables, predict
 from planner.cost.attention import attention_decode_parts
+from planner.cost.moe import bank_parts
 from planner.cost.options import Scenario, activation_transfer_s, compensation_branch, matmul_rows
 from planner.cost.roofline import PathCost, h2d_s
 from planner.errors import OffplanError
@@ -49,6 +47,7 @@ from planner.model.placement import Placement, check_placement
 from planner.model.spec import TensorSpec
 from planner.plan.record import Plan
 from planner.simulate.events import KINDS, RESOURCES, STREAM_PREFIX, Event, kind_of
+from planner.simulate.schedule import Op, Step, Timeline, Unit, instantiate, schedule
 
 PREFETCH_MODES = ("next-stage", "next-streamed")
 
@@ -80,30 +79,6 @@ class SimResult:
         return max(self.critical_by_kind_s, key=self.critical_by_kind_s.get)
 
 
-# ---- op templates ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Op:
-    resource: str
-    name: str
-    duration_s: float
-    stage: str
-    phase: str
-
-
-Step = tuple[tuple[_Op, ...], ...]  # concurrent branches, each a chain; the next step waits for all
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One slot of the prefetch schedule: the weight copies it waits for, then its steps;
-    `memory` runs on the memory bus from the unit's start, and the next unit waits for it."""
-
-    copies: tuple[_Op, ...]
-    steps: tuple[Step, ...]
-    memory: _Op | None = None
-
-
 class _Builder:
     """Turns the chosen options of a plan into op templates, phase by phase."""
 
@@ -114,25 +89,30 @@ class _Builder:
         self.prediction = predict(self.tables, self.tensor, self.kv)
         self.sums = {(st.name, ph): st.phase(ph) for st in self.prediction.stages for ph in ("decode", "prefill")}
 
-    def rule_parts(self, stage: str, phase: str) -> tuple[list[Step], _Op | None]:
+    def rule_parts(self, stage: str, phase: str) -> tuple[list[Step], Op | None]:
         """What the stage rule (planner/cost/stage.py) charges a stage beyond its own ops: the
         compute it loses while the following stage's weights copy in (one accelerator op at
         its end) and its memory-bus time (one op spanning the stage, as the ILP counts it)."""
         summed = self.sums[(stage, phase)]
         slow_s, bus_s = summed.lagged_s("path"), summed.operand_s("memory")
-        steps = [((_Op("accelerator", f"{stage} copy slowdown", slow_s, stage, phase),),)] if slow_s > 0 else []
-        return steps, (_Op("memory", f"{stage} memory bus", bus_s, stage, phase) if bus_s > 0 else None)
+        steps = [((Op("accelerator", f"{stage} copy slowdown", slow_s, stage, phase),),)] if slow_s > 0 else []
+        return steps, (Op("memory", f"{stage} memory bus", bus_s, stage, phase) if bus_s > 0 else None)
 
     def tensor_steps(self, t: TensorSpec, phase: str, stage: str) -> list[Step]:
         opt = self.tensor[t.name]
         cost: PathCost = getattr(opt, phase)
-        op = partial(_Op, stage=stage, phase=phase)
+        op = partial(Op, stage=stage, phase=phase)
         on_acc = opt.device != "cpu" or (phase == "prefill" and opt.prefill_streamed)
         if t.group == "embed":
             if on_acc:
                 return [((op("accelerator", t.name, cost.acc_s),),)]
             return [((op("cpu", t.name, cost.cpu_s), op("h2d", f"{t.name} rows", cost.xfer_s)),)]
         rows = matmul_rows(self.scn, t, phase)
+        if t.experts and opt.device == "cpu" and not (phase == "prefill" and opt.prefill_streamed):
+            # a split bank: resident experts on the accelerator beside the host worker's
+            acc_s, down_s, cpu_s, up_s = bank_parts(self.scn, t, opt.gpu_experts, rows)
+            host = (op("d2h", f"{t.name} x", down_s), op("cpu", t.name, cpu_s), op("h2d", f"{t.name} out", up_s))
+            return [((op("accelerator", t.name, acc_s),), host) if opt.gpu_experts else (host,)]
         down_s, up_s = activation_transfer_s(self.scn, t, rows)
         if not on_acc:
             return [((op("d2h", f"{t.name} x", down_s), op("cpu", t.name, cost.cpu_s),
@@ -151,7 +131,7 @@ class _Builder:
         return steps
 
     def attention_steps(self, layer: int, phase: str, stage: str) -> list[Step]:
-        op = partial(_Op, stage=stage, phase=phase)
+        op = partial(Op, stage=stage, phase=phase)
         name, kv = f"layers.{layer}.attention", self.kv[layer]
         if phase == "prefill":  # on the accelerator, then the host share of the new K/V goes down
             steps = [((op("accelerator", name, kv.prefill.acc_s),),)]
@@ -166,7 +146,7 @@ class _Builder:
             return [(host,)]
         return [((op("accelerator", name, p.device_s),), host), ((op("accelerator", f"{name} merge", p.merge_s),),)]
 
-    def copies(self, tensors, phase: str, stage: str) -> tuple[_Op, ...]:
+    def copies(self, tensors, phase: str, stage: str) -> tuple[Op, ...]:
         """Weight copies of a stage: one per streamed tensor, or `chunk_bytes` pieces of it."""
         link, out = "decode_link_s" if phase == "decode" else "prefill_link_s", []
         for t in tensors:
@@ -175,54 +155,54 @@ class _Builder:
                 continue
             n = -(-t.n_bytes // self.chunk_bytes) if self.chunk_bytes else 1
             if n == 1:
-                out.append(_Op("h2d", STREAM_PREFIX + t.name, whole_s, stage, phase))
+                out.append(Op("h2d", STREAM_PREFIX + t.name, whole_s, stage, phase))
                 continue
             for k in range(n):
                 size = min(self.chunk_bytes, t.n_bytes - k * self.chunk_bytes)
-                out.append(_Op("h2d", f"{STREAM_PREFIX}{t.name} [{k + 1}/{n}]", h2d_s(self.scn.profile, size),
+                out.append(Op("h2d", f"{STREAM_PREFIX}{t.name} [{k + 1}/{n}]", h2d_s(self.scn.profile, size),
                                stage, phase))
         return tuple(out)
 
-    def layer_unit(self, layer: int, phase: str) -> _Unit:
+    def layer_unit(self, layer: int, phase: str) -> Unit:
         stage, tensors = f"layer {layer}", self.scn.spec.layer_tensors(layer)
         fixed = (self.tables.fixed_decode if phase == "decode" else self.tables.fixed_prefill)[stage]
-        steps: list[Step] = [((_Op("accelerator", f"layers.{layer}.elementwise", fixed.acc_s, stage, phase),),)]
+        steps: list[Step] = [((Op("accelerator", f"layers.{layer}.elementwise", fixed.acc_s, stage, phase),),)]
         for t in tensors:
             if t.kind == "o_proj":
                 steps += self.attention_steps(layer, phase, stage)
             steps += self.tensor_steps(t, phase, stage)
         lagged, memory = self.rule_parts(stage, phase)
-        return _Unit(self.copies(tensors, phase, stage), tuple(steps + lagged), memory)
+        return Unit(self.copies(tensors, phase, stage), tuple(steps + lagged), memory)
 
-    def head_tail(self, phase: str) -> _Unit:
+    def head_tail(self, phase: str) -> Unit:
         """The head after the last layer: lm_head, final norm and argmax (the next step's
         draft forwards and embedding are appended by `units`)."""
         head = self.tables.stages[-1]
         fixed = (self.tables.fixed_decode if phase == "decode" else self.tables.fixed_prefill)["head"]
         steps = [s for t in head.tensors if t.group == "head" for s in self.tensor_steps(t, phase, "head")]
-        steps.append(((_Op("accelerator", "norm+argmax", fixed.acc_s, "head", phase),),))
+        steps.append(((Op("accelerator", "norm+argmax", fixed.acc_s, "head", phase),),))
         lagged, memory = self.rule_parts("head", phase)
-        return _Unit(self.copies(head.tensors, phase, "head"), tuple(steps + lagged), memory)
+        return Unit(self.copies(head.tensors, phase, "head"), tuple(steps + lagged), memory)
 
     def step_start(self, phase: str) -> list[Step]:
         """Draft forwards (decode) or the draft's prefill, then the embedding lookup."""
         pred, steps = self.prediction, []
         gamma = self.scn.gamma if self.scn.draft is not None else 0
         if phase == "decode" and gamma:
-            steps += [((_Op("accelerator", f"draft forward {i + 1}/{gamma}", pred.draft_step_s / gamma,
+            steps += [((Op("accelerator", f"draft forward {i + 1}/{gamma}", pred.draft_step_s / gamma,
                             "draft", "draft"),),) for i in range(gamma)]
         if phase == "prefill" and pred.draft_prefill_s > 0:
-            steps.append(((_Op("accelerator", "draft prefill", pred.draft_prefill_s, "draft", "draft"),),))
+            steps.append(((Op("accelerator", "draft prefill", pred.draft_prefill_s, "draft", "draft"),),))
         embed = [t for t in self.tables.stages[-1].tensors if t.group == "embed"]
         return steps + [s for t in embed for s in self.tensor_steps(t, phase, "head")]
 
-    def units(self, decode_steps: int) -> tuple[list[_Unit], int, list[int]]:
+    def units(self, decode_steps: int) -> tuple[list[Unit], int, list[int]]:
         """Prefill then decode steps 0..decode_steps, as one sequence of units; also the index
         of the last prefill unit and of each decode step's layer-0 unit."""
         layers = {ph: [self.layer_unit(i, ph) for i in range(self.scn.spec.layers)] for ph in ("prefill", "decode")}
         tails = {ph: self.head_tail(ph) for ph in ("prefill", "decode")}
         decode_start = self.step_start("decode")
-        units = [_Unit((), tuple(self.step_start("prefill"))), *layers["prefill"]]
+        units = [Unit((), tuple(self.step_start("prefill"))), *layers["prefill"]]
         prefill_last, anchors = len(units), []
         units.append(replace(tails["prefill"], steps=tails["prefill"].steps + tuple(decode_start)))
         for k in range(decode_steps + 1):
@@ -233,101 +213,13 @@ class _Builder:
         return units, prefill_last, anchors
 
 
-# ---- the scheduler ---------------------------------------------------------------------------
-
-@dataclass
-class _Timeline:
-    ops: list[_Op]
-    start: list[float]
-    end: list[float]
-    binding: list[int]  # the task whose end let this one start (-1: none)
-
-
-def _instantiate(units: list[_Unit], buffers: int, prefetch: str, chained_copies: bool):
-    """Tasks with dependencies; per unit the task ids of each step (in program order).
-    Chained copies are issued one after another, so activation transfers slip in between."""
-    ops, deps, steps_of, unit_end, last_copy = [], [], [], [], []
-    streamed = [i for i, u in enumerate(units) if u.copies] if prefetch == "next-streamed" else list(range(len(units)))
-    slot_after = {u: streamed[k - buffers] for k, u in enumerate(streamed) if k >= buffers}
-    prev, last_acc = [], -1
-
-    def add(op: _Op, on: list[int]) -> int:
-        nonlocal last_acc
-        ops.append(op)
-        deps.append(on + ([last_acc] if op.resource == "accelerator" and last_acc >= 0 else []))
-        if op.resource == "accelerator":
-            last_acc = len(ops) - 1
-        return len(ops) - 1
-
-    for i, unit in enumerate(units):
-        free = unit_end[slot_after[i]] if i in slot_after else []
-        copy_ids = []
-        for op in unit.copies:
-            copy_ids.append(add(op, list(free) + last_copy))
-            last_copy = [copy_ids[-1]] if chained_copies else []
-        steps, first = [], True
-        memory = [add(unit.memory, prev + copy_ids)] if unit.memory is not None else []
-        for step in unit.steps:
-            ids, join = [], []
-            for branch in step:
-                on = prev + (copy_ids if first else [])
-                for op in branch:
-                    on = [add(op, on)]
-                    ids.append(on[0])
-                join += on
-            steps.append(ids)
-            prev, first = join, False
-        prev = prev + memory  # the next stage starts once this one's bus time has passed
-        steps_of.append(steps)
-        unit_end.append(prev)
-    return ops, deps, steps_of
-
-
-def _schedule(ops: list[_Op], deps: list[list[int]], cpu_workers: int) -> _Timeline:
-    """Event-driven list scheduling: each resource serves its ready tasks in order of readiness."""
-    n = len(ops)
-    start, end, binding = [0.0] * n, [0.0] * n, [-1] * n
-    ready_at, last_dep, waiting = [0.0] * n, [-1] * n, [len(d) for d in deps]
-    dependents: list[list[int]] = [[] for _ in range(n)]
-    for i, ds in enumerate(deps):
-        for d in ds:
-            dependents[d].append(i)
-    queues = {r: [] for r in RESOURCES}
-    idle = {r: [(w, -1) for w in range(cpu_workers if r == "cpu" else 1)] for r in RESOURCES}
-    for i in range(n):
-        if not waiting[i]:
-            heapq.heappush(queues[ops[i].resource], (0.0, i))
-    running: list[tuple[float, int, int]] = []
-    now, done = 0.0, 0
-    while done < n:
-        for r, queue in queues.items():
-            while queue and idle[r]:
-                ready, i = heapq.heappop(queue)
-                worker, previous = idle[r].pop()
-                start[i], end[i] = now, now + ops[i].duration_s
-                binding[i] = last_dep[i] if ready >= now else previous
-                heapq.heappush(running, (end[i], i, worker))
-        now = running[0][0]
-        while running and running[0][0] <= now:
-            _, i, worker = heapq.heappop(running)
-            idle[ops[i].resource].append((worker, i))
-            done += 1
-            for j in dependents[i]:
-                waiting[j] -= 1
-                if end[i] >= ready_at[j]:
-                    ready_at[j], last_dep[j] = end[i], i
-                if not waiting[j]:
-                    heapq.heappush(queues[ops[j].resource], (ready_at[j], j))
-    return _Timeline(ops, start, end, binding)
-
-
 # ---- reading the timeline -------------------------------------------------------------------
 
-def _clipped_s(tl: _Timeline, i: int, lo: float, hi: float) -> float:
+def _clipped_s(tl: Timeline, i: int, lo: float, hi: float) -> float:
     return max(0.0, min(tl.end[i], hi) - max(tl.start[i], lo))
 
 
-def _per_stage_s(tl: _Timeline, steps: list[list[int]], window_end: float) -> dict[str, float]:
+def _per_stage_s(tl: Timeline, steps: list[list[int]], window_end: float) -> dict[str, float]:
     """Time from the start of each step to the start of the next, summed by stage."""
     starts = [min(tl.start[i] for i in ids) for ids in steps] + [window_end]
     out: dict[str, float] = {}
@@ -337,7 +229,7 @@ def _per_stage_s(tl: _Timeline, steps: list[list[int]], window_end: float) -> di
     return out
 
 
-def _critical_path(tl: _Timeline, anchor: int, lo: float, hi: float) -> tuple[list[int], dict[str, float]]:
+def _critical_path(tl: Timeline, anchor: int, lo: float, hi: float) -> tuple[list[int], dict[str, float]]:
     path, by_kind = [], dict.fromkeys(KINDS, 0.0)
     i = tl.binding[anchor]
     while i >= 0 and tl.end[i] > lo:
@@ -361,15 +253,15 @@ def simulate_plan(plan: Plan, profile: HardwareProfile | None = None, buffers: i
     check_placement(plan.model, plan.placement)
     builder = _Builder(plan.scenario(profile), plan.placement, copy_chunk_bytes)
     units, prefill_last, anchors = builder.units(decode_steps)
-    ops, deps, steps_of = _instantiate(units, buffers, prefetch, copy_chunk_bytes > 0)
-    tl = _schedule(ops, deps, cpu_workers)
+    ops, deps, steps_of = instantiate(units, buffers, prefetch, copy_chunk_bytes > 0)
+    tl = schedule(ops, deps, cpu_workers)
     prefill_s = max(tl.end[i] for ids in steps_of[prefill_last] for i in ids if ops[i].phase == "prefill")
     return SimResult(**_read_decode(tl, steps_of, anchors, builder.prediction, cpu_workers),
                      prefill_s=prefill_s, ilp_prefill_s=builder.prediction.prefill_s, buffers=buffers,
                      cpu_workers=cpu_workers, prefetch=prefetch, copy_chunk_bytes=copy_chunk_bytes)
 
 
-def _read_decode(tl: _Timeline, steps_of: list[list[list[int]]], anchors: list[int], pred: Prediction,
+def _read_decode(tl: Timeline, steps_of: list[list[list[int]]], anchors: list[int], pred: Prediction,
                  cpu_workers: int) -> dict:
     """Step time, per-stage times, busy shares and critical path of the last simulated step,
     the window from layer 0 of step n-1 to layer 0 of step n; events up to its end."""

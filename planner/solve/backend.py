@@ -76,7 +76,11 @@ def stdout_silenced() -> Iterator[None]:
     for stream in (sys.stdout, sys.__stdout__):
         with contextlib.suppress(Exception):
             stream.flush()
-    saved = os.dup(fd)
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no stdout at all (closed): nothing to protect
+        yield
+        return
     try:
         with open(os.devnull, "wb") as devnull:
             os.dup2(devnull.fileno(), fd)

@@ -40,6 +40,7 @@ class SolveRequest:
     rank_table: RankTable | None = None  # measured recovery per rank (`offplan sensitivity`)
     compare: bool = False  # also score what other tools would pick
     progress: Callable[[str], None] | None = None  # one line per step of a draft search
+    routing: dict[int, tuple[float, ...]] | None = None  # MoE layer -> routed tokens per expert (single solve)
 
     @property
     def compensated(self) -> bool:
@@ -74,7 +75,7 @@ def solve_model(request: SolveRequest) -> SolveResult:
         scn, solution, plan = search_result.scenario, search_result.best.solution, search_plan(search_result)
     else:
         scn = Scenario(spec, request.profile, request.workload, rank_choices=rank_choices,
-                       rank_recovery=rank_recovery)
+                       rank_recovery=rank_recovery, routing=request.routing)
         solution = solve_compensated(scn, request.options)
         plan = make_plan(scn, solution.placement, "ilp", solution.prediction, solution.solver, solution.status,
                          solution.solve_time_s, solution.objective_s)

@@ -38,6 +38,7 @@ def layers_placement(scn: LlamaScenario, ngl: int, n_cpu_moe: int = 0) -> LlamaP
 
 def _score(scn: LlamaScenario, lp: LlamaPlacement, margin_bytes: int = 0) -> Prediction | None:
     pred = evaluate_llamacpp(scn, lp)
+    margin_bytes = margin_bytes if scn.has_gpu else 0  # no GPU: nothing to keep free there
     fits = pred.vram.used_bytes + margin_bytes <= pred.vram.capacity_bytes and pred.host.fits
     return pred if fits else None
 

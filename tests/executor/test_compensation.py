@@ -64,7 +64,7 @@ def test_round_trip_error_is_at_most_half_a_step(bits, symmetric):
     qt = quantize(w, bits=bits, group_size=16, symmetric=symmetric)
     assert qt.data.dtype == torch.uint8
     assert tuple(qt.data.shape) == ((16, 32) if bits == 4 else (16, 64))
-    assert qt.scales.dtype == torch.float16 and tuple(qt.scales.shape) == (16, 4)
+    assert qt.scales.dtype == torch.bfloat16 and tuple(qt.scales.shape) == (16, 4)
     assert (qt.zeros is None) == symmetric
     step = qt.scales.float().repeat_interleave(16, dim=1)  # [out, in]
     err = (w - dequantize(qt, torch.float32)).abs()
@@ -90,12 +90,12 @@ def test_int4_packing_round_trips_codes_exactly():
 
 def test_quantized_tensor_bytes_match_layout():
     qt = quantize(_weight(8, 32), bits=4, group_size=16, symmetric=False)
-    assert qt.nbytes == 8 * 16 + 8 * 2 * 2 + 8 * 2 * 2  # codes + fp16 scales + fp16 zeros
+    assert qt.nbytes == 8 * 16 + 8 * 2 * 2 + 8 * 2 * 2  # codes + bf16 scales + bf16 offsets
 
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(bits=4, group_size=3), "group_size"),
-    (dict(bits=4, group_size=0), "group_size"),
+    (dict(bits=4, group_size=-1), "group_size"),
     (dict(bits=3, group_size=5), "bits"),
 ])
 def test_bad_quantization_parameters_raise_spec_error(kwargs, field):

@@ -37,4 +37,20 @@ def test_gpu_check_reduced_mode_runs_every_plan_kind_on_the_loopback_device():
         ttft, ttft_pred, tok_s, tok_s_pred = (float(x) for x in rest[-4:])
         assert min(ttft, ttft_pred, tok_s, tok_s_pred) > 0, plan
     assert "tokens equal to the resident run: yes, every plan" in done.stdout
-    assert max(len(line) for line in lines if line.startswith("tiny")) <= 80
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_a_divergence_is_reported_as_the_number_of_leading_tokens_that_agree():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(gpu_check)
+    finally:
+        del sys.modules["gpu_check"]
+    reference = ((1, 2, 3, 4), (5, 6, 7, 8))
+    assert gpu_check.matched(reference, reference) == "yes"
+    assert gpu_check.matched(((1, 2, 9, 4), (5, 6, 7, 8)), reference) == "2/4"
+    assert gpu_check.matched(((1, 2, 3, 4), (0, 6, 7, 8)), reference) == "0/4"
+    assert gpu_check.matched(reference, None) == "-"

@@ -123,10 +123,12 @@ def test_page_locking_registers_whole_pages_in_place_once_and_unregisters_on_clo
     assert fake.calls[1:] == [("unregister", address)]
 
 
-def test_a_run_reports_the_page_locked_bytes_it_would_use_on_cuda():
+def test_a_run_reports_the_page_locked_bytes_it_would_use_on_cuda_within_the_plan():
     spec = spec_of()
     report = run_plan(mixed_plan(spec), RunOptions(synthetic=True, warmup_steps=1), devices=CPU)
-    assert report.measured.host_page_locked_bytes > 0
+    rows = {name: (planned, measured) for name, planned, measured, _ in report.comparisons()}
+    planned, measured = rows["host memory for the link"]
+    assert measured == report.measured.host_page_locked_bytes and 0 < measured <= planned
 
 
 def test_a_plan_needing_more_memory_than_available_is_refused_before_loading(monkeypatch):
@@ -162,3 +164,18 @@ def test_a_plan_for_a_24_gib_card_is_refused_on_a_12_gib_card(monkeypatch):
     message = str(refused.value)
     assert "\n" not in message and "RTX 3060 has 11.5 GiB free of 12.0 GiB" in message
     check_memory(MemorySummary(8 * gib, gib, 0, gib // 4, 0, 0, gib // 2, 11 * gib), host, cuda)  # fits
+
+
+def test_tied_embeddings_look_up_in_the_streamed_heads_pooled_copy():
+    from executor.offload import HostEmbedding
+    spec = spec_of(tied_embeddings=True)
+    devices = {t.name: "stream" if t.name == "lm_head" else "gpu" for t in spec.tensors()}
+    plan = make_plan(Scenario(spec, PROFILE, Workload(1, 16, 6)), Placement(devices, (0.0,) * spec.layers), "test")
+    model = synthetic_model(spec, seed=0)
+    handle = apply_plan(model, plan, CPU, max_tokens=32)
+    try:
+        assert isinstance(model.model.embed_tokens, HostEmbedding)
+        assert model.model.embed_tokens.host_weight.data_ptr() == model.lm_head.host_tensors[0].data_ptr()
+        assert handle.pool.contains(model.model.embed_tokens.host_weight)
+    finally:
+        handle.close()

@@ -331,3 +331,16 @@ def test_check_checkpoint_names_first_differing_field(tmp_path) -> None:
         check_checkpoint(path, dataclasses.replace(spec, kv_heads=4))
     with pytest.raises(PlanError, match="rope_theta"):
         check_checkpoint(path, dataclasses.replace(spec, rope_theta=500000.0))
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_checkpoint_files_follow_the_umask(tmp_path, mask, mode) -> None:
+    import os
+    import stat
+    before = os.umask(mask)
+    try:
+        out = write_tiny_checkpoint(tmp_path / "ckpt")
+    finally:
+        os.umask(before)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == mode, name

@@ -12,7 +12,6 @@ from executor.offload import apply_plan
 from executor.offload_moe import SplitExperts, resident_order
 from executor.run import RunOptions, run_plan
 from executor.weights import synthetic_model
-from planner.errors import PlanError
 from planner.model.placement import Placement, uniform_placement
 from planner.model.spec import MoE, Workload
 from test_offload import CPU, plan_for, small_spec
@@ -58,7 +57,8 @@ def test_offloaded_moe_plans_give_the_tokens_of_an_all_resident_run(family):
     cases = {"split": split_placement(spec, (3, 0, 8)),
              "split-routing": (split_placement(spec, (5, 2, 1)), routing),
              "prefill-copied": split_placement(spec, (4, 4, 0), prefill_copied=True, attn="stream"),
-             "all-host": split_placement(spec, (0, 0, 0), attn="cpu")}
+             "all-host": split_placement(spec, (0, 0, 0), attn="cpu"),
+             "all-stream": uniform_placement(spec, "stream")}  # banks too: every expert matrix streams
     for name, case in cases.items():
         placement, table = case if isinstance(case, tuple) else (case, None)
         assert _tokens(spec, placement, table) == reference, name
@@ -101,8 +101,11 @@ def test_host_experts_run_while_the_accelerator_computes_its_own():
     assert seen and all(name.startswith("offplan-experts") for name in seen)
 
 
-def test_a_streamed_bank_is_refused_before_loading():
-    spec = moe_spec()
-    placement = uniform_placement(spec, "stream")
-    with pytest.raises(PlanError, match="does not stream them"):
-        run_plan(plan_for(spec, placement), RunOptions(synthetic=True), devices=CPU)
+def test_offloaded_qwen3_runs_give_the_tokens_of_an_all_resident_run():
+    """q/k norms stay with the accelerator while their projections stream or run on the host."""
+    from test_offload import mixed_placements
+    spec = small_spec(family="qwen3", qk_norm=True, head_dim=32)
+    reference = _tokens(spec, uniform_placement(spec, "gpu"))
+    assert len(set(reference[0])) > 2
+    for name, placement in mixed_placements(spec).items():
+        assert _tokens(spec, placement) == reference, name

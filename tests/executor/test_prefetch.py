@@ -139,3 +139,21 @@ def test_trace_shows_the_next_stages_copy_while_the_current_stage_computes(monke
     # Without prefetching a stage's copy starts when the stage is entered, after the previous
     # stage's compute ended: no overlap at all. A loaded machine may start a copy thread late.
     assert len(overlapped) >= len(computes) // 2
+
+
+def test_split_kv_caches_time_their_parts_only_when_layers_are_profiled():
+    """Timing a split KV cache's parts waits for CUDA events inside the step: only
+    --profile-layers asks for it."""
+    from executor.attention import HybridKVCache
+    spec = spec_of()
+    plan = plan_for(spec, Placement({t.name: "gpu" for t in spec.tensors()}, (0.5,) * spec.layers))
+    for timed in (False, True):
+        model = synthetic_model(spec, seed=2)
+        handle = apply_plan(model, plan, CPU, max_tokens=PROMPT + DECODE_STEPS + 1, timed=timed)
+        try:
+            caches = [c for c in handle.caches if isinstance(c, HybridKVCache)]
+            assert len(caches) == spec.layers and all(c.timed == timed for c in caches)
+        finally:
+            handle.close()
+    report = run_plan(plan, RunOptions(synthetic=True, warmup_steps=1, profile_layers=True), devices=CPU)
+    assert sum(stage.host_attention_s for stage in report.measured.stages) > 0

@@ -35,8 +35,8 @@ def no_leaked_workers():
     assert [t for t in threading.enumerate() if t.name.startswith(WORKER_PREFIX)] == []
 
 
-def quantized_spec(bits: int = 4, symmetric: bool = True) -> ModelSpec:
-    return tiny_spec(name="qoffload", layers=3, quantization=Quantization(bits, 32, symmetric))
+def quantized_spec(bits: int = 4, symmetric: bool = True, group: int = 32) -> ModelSpec:
+    return tiny_spec(name="qoffload", layers=3, quantization=Quantization(bits, group, symmetric))
 
 
 def cycled_devices(spec: ModelSpec) -> dict[str, str]:
@@ -61,9 +61,10 @@ def tokens_of(spec: ModelSpec, placement: Placement):
     return run_plan(plan_for(spec, placement), RunOptions(synthetic=True, warmup_steps=1), devices=CPU).measured
 
 
-@pytest.mark.parametrize("bits, symmetric, ranked", [(4, True, False), (4, False, True), (8, True, True)])
-def test_streamed_and_cpu_quantized_matrices_give_the_all_resident_tokens(bits, symmetric, ranked):
-    spec = quantized_spec(bits, symmetric)
+@pytest.mark.parametrize("bits, symmetric, group, ranked",
+                         [(4, True, 32, False), (4, False, 32, True), (8, True, 32, True), (8, False, 0, True)])
+def test_streamed_and_cpu_quantized_matrices_give_the_all_resident_tokens(bits, symmetric, group, ranked):
+    spec = quantized_spec(bits, symmetric, group)
     devices = cycled_devices(spec)
     # With ranks every quantized matrix gets one, cpu ones too (a plan the planner does not
     # write, but the executor runs the branch wherever the plan asks for it).
@@ -81,9 +82,9 @@ def test_streamed_and_cpu_quantized_matrices_give_the_all_resident_tokens(bits, 
         assert tokens_of(spec, placement).tokens == reference, name
 
 
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
-def test_decode_streams_the_packed_bytes_the_planner_charges(bits, symmetric):
-    spec = quantized_spec(bits, symmetric)
+@pytest.mark.parametrize("bits, symmetric, group", [(4, True, 32), (4, False, 32), (8, True, 32), (8, False, 0)])
+def test_decode_streams_the_packed_bytes_the_planner_charges(bits, symmetric, group):
+    spec = quantized_spec(bits, symmetric, group)
     devices = cycled_devices(spec)
     placement = Placement(devices, (0.0,) * spec.layers, (), ranks_for(spec, devices, ("gpu", "stream")))
     measured = tokens_of(spec, placement)
@@ -109,9 +110,9 @@ def test_streamed_and_cpu_quantized_matrices_stay_packed_on_the_host():
             assert {p.placement for p in placed.values()} == {"stream", "cpu"}
             for t in quantized_tensors(spec):
                 if t.name in placed:
-                    codes, scales, zeros = placed[t.name].host_tensors
+                    codes, *scales = placed[t.name].host_tensors  # packed for the CPU's int4 kernel
                     assert codes.dtype == torch.uint8 and tuple(codes.shape) == (t.rows, t.cols // 2)
-                    assert sum(x.numel() * x.element_size() for x in (codes, scales, zeros)) == t.n_bytes
+                    assert sum(x.numel() * x.element_size() for x in (codes, *scales)) == t.n_bytes
         finally:
             handle.close()
 

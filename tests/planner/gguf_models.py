@@ -23,9 +23,9 @@ def _add(w: gguf.GGUFWriter, name: str, shape: tuple[int, ...], qtype: Q = Q.F16
     w.add_tensor(name, np.zeros(byte_shape, np.uint8), raw_dtype=qtype)
 
 
-def _header(w: gguf.GGUFWriter, dense_ffn: int) -> None:
+def _header(w: gguf.GGUFWriter, dense_ffn: int, blocks: int = LAYERS) -> None:
     w.add_name("tiny")
-    w.add_block_count(LAYERS)
+    w.add_block_count(blocks)
     w.add_context_length(4096)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(dense_ffn)
@@ -50,11 +50,11 @@ def _experts(w: gguf.GGUFWriter, b: str, qtype: Q, down_type: Q, bias: bool = Fa
             _add(w, f"{b}.ffn_{part}_exps.bias", (EXPERTS, width), Q.F32)
 
 
-def _gqa(w: gguf.GGUFWriter, b: str, qtype: Q, bias: bool = False) -> None:
+def _gqa(w: gguf.GGUFWriter, b: str, qtype: Q, bias: bool = False, o_bias: bool = True) -> None:
     for part, rows, cols in (("q", HEADS * HEAD_DIM, HIDDEN), ("k", KV_HEADS * HEAD_DIM, HIDDEN),
                              ("v", KV_HEADS * HEAD_DIM, HIDDEN), ("output", HIDDEN, HEADS * HEAD_DIM)):
         _add(w, f"{b}.attn_{part}.weight", (rows, cols), qtype)
-        if bias:
+        if bias and (o_bias or part != "output"):
             _add(w, f"{b}.attn_{part}.bias", (rows,), Q.F32)
 
 
@@ -135,6 +135,68 @@ def write_deepseek2(path, dense_first: int = 1) -> str:
         for part, shape in (("gate", (EXPERT_FFN, HIDDEN)), ("up", (EXPERT_FFN, HIDDEN)),
                             ("down", (HIDDEN, EXPERT_FFN))):
             _add(w, f"{b}.ffn_{part}_shexp.weight", shape, Q.Q8_0)
+    _write(w)
+    return str(path)
+
+
+def write_glm4moe(path) -> str:
+    """GLM-4.5-Air shape: q/k/v biases, one dense first layer, a shared expert, and the
+    multi-token-prediction layer llama.cpp's converter keeps as an extra block (not run)."""
+    w = gguf.GGUFWriter(str(path), "glm4moe")
+    _header(w, DENSE_FFN, blocks=LAYERS + 1)  # the MTP block is counted
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_leading_dense_block_count(1)
+    w.add_expert_shared_count(1)
+    w.add_nextn_predict_layers(1)
+    _add(w, "token_embd.weight", (VOCAB, HIDDEN), Q.Q8_0)
+    _add(w, "output_norm.weight", (HIDDEN,), Q.F32)
+    _add(w, "output.weight", (VOCAB, HIDDEN), Q.Q6_K)
+    for layer in range(LAYERS + 1):
+        b = f"blk.{layer}"
+        _add(w, f"{b}.attn_norm.weight", (HIDDEN,), Q.F32)
+        _add(w, f"{b}.ffn_norm.weight", (HIDDEN,), Q.F32)
+        _gqa(w, b, Q.Q4_K, bias=True, o_bias=False)  # GLM: q/k/v biases only
+        if layer == 0:
+            for part, shape in (("gate", (DENSE_FFN, HIDDEN)), ("up", (DENSE_FFN, HIDDEN)),
+                                ("down", (HIDDEN, DENSE_FFN))):
+                _add(w, f"{b}.ffn_{part}.weight", shape, Q.Q4_K)
+            continue
+        _experts(w, b, Q.Q4_K, Q.Q6_K)
+        _add(w, f"{b}.exp_probs_b.bias", (EXPERTS,), Q.F32)
+        for part, shape in (("gate", (EXPERT_FFN, HIDDEN)), ("up", (EXPERT_FFN, HIDDEN)),
+                            ("down", (HIDDEN, EXPERT_FFN))):
+            _add(w, f"{b}.ffn_{part}_shexp.weight", shape, Q.Q4_K)
+    _write(w)
+    return str(path)
+
+
+def write_gemma3(path) -> str:
+    """Gemma 3: q/k norms, four norms per layer, tied embedding, a 1024-token window."""
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_name("tiny")
+    w.add_block_count(LAYERS + 2)
+    w.add_context_length(4096)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(DENSE_FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_sliding_window(1024)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(VOCAB)
+    _add(w, "token_embd.weight", (VOCAB, HIDDEN), Q.Q6_K)
+    _add(w, "output_norm.weight", (HIDDEN,), Q.F32)
+    for layer in range(LAYERS + 2):
+        b = f"blk.{layer}"
+        for norm, width in (("attn_norm", HIDDEN), ("post_attention_norm", HIDDEN), ("ffn_norm", HIDDEN),
+                            ("post_ffw_norm", HIDDEN), ("attn_q_norm", HEAD_DIM), ("attn_k_norm", HEAD_DIM)):
+            _add(w, f"{b}.{norm}.weight", (width,), Q.F32)
+        _gqa(w, b, Q.Q4_K)
+        for part, shape in (("gate", (DENSE_FFN, HIDDEN)), ("up", (DENSE_FFN, HIDDEN)),
+                            ("down", (HIDDEN, DENSE_FFN))):
+            _add(w, f"{b}.ffn_{part}.weight", shape, Q.Q4_K)
     _write(w)
     return str(path)
 

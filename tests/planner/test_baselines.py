@@ -60,6 +60,7 @@ PRESET_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,hw,vram,ram,workload", PRESET_CASES, ids=["llama8b-3060", "qwen7b-4060ti-8g"])
 def test_no_baseline_is_faster_than_the_ilp_on_real_models(model, hw, vram, ram, workload):
     """Six layer groups (1, 1, 2, 2, 4, rest) close in seconds; more groups take a minute here.

@@ -64,6 +64,7 @@ def test_help_names_arguments_in_capitals_and_shows_no_bool(argv):
     if argv[0] == "solve":
         assert usage.rstrip().endswith("[OPTIONS] MODEL")
         assert "--compare" in result.output and "--json" in result.output
+        assert "NAME=RATE" in result.output and "list[" not in result.output
     if argv[:2] == ["hw", "show"]:
         assert usage.rstrip().endswith("[OPTIONS] PROFILE")
 

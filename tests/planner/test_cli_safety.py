@@ -261,3 +261,10 @@ def test_an_absurd_model_size_names_the_field(run_here, tmp_path, field, value):
     assert value in model.read_text()
     line = one_line_error(run_here("solve", model, "--hw", "rtx4090"), "model.yaml", f"{field}:", "beyond")
     assert "TiB" not in line
+
+
+def test_profile_checks_its_default_folder_before_measuring(run_here, monkeypatch):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc (a directory where even root cannot create files)")
+    monkeypatch.chdir("/proc")
+    one_line_error(run_here("profile"), "hwprofiles/", "--out", "cannot write")

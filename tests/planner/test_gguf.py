@@ -342,3 +342,27 @@ def test_spec_needs_block_weight_matrices(tmp_path):
     path = write_gguf(tmp_path / "vocab-only.gguf", llama_kvs(), [])
     with pytest.raises(SpecError, match=r"no blk\.\*\.weight matrices"):
         spec_from_gguf(path)
+
+
+def test_file_size_counts_each_tensor_at_its_header_type(tmp_path):
+    """A Q4_K_M-style file: Q4_K body and embedding, Q6_K output and ffn_down. Every matrix
+    counts at its own type (norms, F32 in the file, are counted in the model dtype)."""
+    tensors = [(name, dims, T_Q6_K if name == "output.weight" else t)
+               for name, dims, t in llama_tensors(T_Q4_K, down_type=T_Q6_K)]
+    path = write_gguf(tmp_path / "m.gguf", llama_kvs(), tensors)
+    spec = spec_from_gguf(path)
+    infos = read_gguf_header(path)["tensors"]
+    matrices = [t for t in infos if len(t.dims) == 2]
+    assert spec.weight_bytes - spec.norm_bytes == sum(t.n_bytes for t in matrices)
+    assert spec.by_name["lm_head"].n_bytes == HIDDEN * VOCAB * 6.5625 / 8
+    assert spec.by_name["embed_tokens"].n_bytes == HIDDEN * VOCAB * 4.5 / 8
+    assert spec.params == sum(t.n_elements for t in matrices)
+
+
+def test_tied_embedding_is_one_tensor_and_counted_once(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", llama_kvs(), llama_tensors(T_Q8_0, output=False))
+    spec = spec_from_gguf(path)
+    assert spec.tied_embeddings and spec.by_name["embed_tokens"].n_bytes == 0
+    assert spec.by_name["lm_head"].n_bytes == HIDDEN * VOCAB * 8.5 / 8  # the embedding's own Q8_0
+    matrices = [t for t in read_gguf_header(path)["tensors"] if len(t.dims) == 2]
+    assert spec.params == sum(t.n_elements for t in matrices)

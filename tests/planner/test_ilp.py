@@ -24,7 +24,7 @@ from planner.cost.terms import host_staging_bytes
 from planner.errors import InfeasiblePlanError
 from planner.hardware.profile import load_profile, with_overrides
 from planner.solve.ilp import SolverOptions, solve_placement
-from planner.solve.problem import layer_groups
+from planner.solve.groups import layer_groups
 from planner.model.modelfile import load_model_file
 from planner.model.placement import Placement, uniform_placement
 from planner.cost.evaluate import evaluate
@@ -34,7 +34,7 @@ from planner.units import fmt_bytes
 
 EXACT = SolverOptions(gap_rel=1e-9, time_limit_s=60.0)
 # For checks that hold for any answer the solver returns, optimal or not.
-QUICK = SolverOptions(gap_rel=1e-6, time_limit_s=2.0)
+QUICK = SolverOptions(gap_rel=0.05, time_limit_s=2.0)  # stops at the first plan within 5 %
 REL = 1e-6
 SOLVER_SLACK_BYTES = 4096
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

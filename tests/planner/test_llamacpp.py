@@ -8,7 +8,6 @@ import random
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -170,7 +169,10 @@ def test_emitted_patterns_match_exactly_the_planned_tensors_of_a_gguf(tmp_path, 
         cmd = llamacpp_command(scn, lp)
         devices = llama_devices(names, cmd.args, n)
         for name in names:
-            if name in planned and name != "token_embd.weight":
+            weight = name.removesuffix(".bias") + ".weight" if name.endswith(".bias") else name
+            if weight in planned and weight != "token_embd.weight" and weight.startswith("blk."):
+                assert devices[name] == (weight in gpu), (name, cmd.line())
+            elif name in planned and name != "token_embd.weight":
                 assert devices[name] == (name in gpu), (name, cmd.line())
             else:  # norms, biases, routers, embeddings keep what -ngl gives them
                 assert devices[name] == llama_devices([name], ("-ngl", str(cmd.ngl)), n)[name], (name, cmd.line())
@@ -243,7 +245,9 @@ def test_bad_flags_are_named(flags, needle):
 
 
 def offplan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, timeout=120)
+    """The command line's entry point, run in this process (same exit code and output)."""
+    from conftest import offplan_in_process
+    return offplan_in_process(*args)
 
 
 def test_cli_bad_flags_give_one_line_and_exit_2():
@@ -284,3 +288,55 @@ def test_fit_moves_experts_before_layers():
         scn.profile.vram_usable_bytes - full.vram.used_bytes - 2**30 + 2.5 * experts)))
     fit = fit_choice(replace(scn, profile=profile))
     assert fit.note.startswith("-ngl 9 --n-cpu-moe") and fit.note != "-ngl 9 --n-cpu-moe 0"
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+EXAMPLES = sorted(p for p in (__import__("pathlib").Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_shipped_example_is_at_least_as_fast_as_fit(example):
+    from planner.model.modelfile import load_model_file
+    from planner.solve.llamacpp_solve import solve_for_llamacpp
+    model = load_model_file(str(example))
+    scn = LlamaScenario(model.spec, load_profile("rtx4090"), model.workload or Workload())
+    result = solve_for_llamacpp(scn)
+    assert result.fit.prediction is not None and result.speedup_over_fit >= 1 - 1e-3
+    assert result.command.line().startswith("llama-server -m ")
+
+
+def test_a_llamacpp_plan_exports_and_simulates_as_it_was_solved(tmp_path):
+    import json
+    plan = tmp_path / "plan.yaml"
+    r = offplan("solve", "llama-3.1-8b", "--hw", "rtx3060", "--runtime", "llamacpp", "--quant", "Q4_K_M",
+                "--out", str(plan), "--json")
+    assert r.returncode == 0, r.stderr
+    solved = json.loads(r.stdout)
+    exported = offplan("export", str(plan))
+    assert exported.returncode == 0
+    assert exported.stdout.splitlines()[0].split()[3:] == solved["command"].split()[3:]  # after -m FILE
+    sim = json.loads(offplan("simulate", str(plan), "--json").stdout)
+    assert sim["runtime"] == "llamacpp"
+    assert 1 / sim["decode_step_s"] == pytest.approx(solved["decode_tok_s"], rel=1e-9)
+    from planner.plan.record import load_plan
+    assert load_plan(plan).evaluate().decode_tokens_per_s == pytest.approx(solved["decode_tok_s"], rel=1e-9)
+
+
+def test_ctx_sizes_the_kv_cache_of_a_llamacpp_plan():
+    import json
+    args = ("solve", "llama-3.1-8b", "--hw", "rtx3060", "--runtime", "llamacpp", "--quant", "Q4_K_M", "--json")
+    short, long = (json.loads(offplan(*args, *extra).stdout) for extra in ((), ("--ctx", "131072")))
+    assert short["command"].endswith("-c 640") and long["command"].endswith("-c 131072")
+    assert long["decode_tok_s"] < short["decode_tok_s"]  # the long cache leaves less room for weights
+    bad = offplan(*args, "--ctx", "100")
+    assert bad.returncode == 2 and "--ctx 100" in bad.stderr
+
+
+def test_cpu_only_machine_plans_for_llamacpp_and_refuses_the_executor():
+    r = offplan("solve", "llama-3.2-1b", "--hw", "cpu", "--runtime", "llamacpp", "--dram", "ddr5-4800x2", "--json")
+    import json
+    data = json.loads(r.stdout)
+    assert data["ngl"] == 0 and data["speedup_over_fit"] == pytest.approx(1.0) and data["accelerator_bytes"] == 0
+    bad = offplan("solve", "llama-3.2-1b", "--hw", "cpu")
+    assert bad.returncode == 2 and "--runtime llamacpp" in bad.stderr

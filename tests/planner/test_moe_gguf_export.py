@@ -16,7 +16,7 @@ from planner.model.placement import Placement, uniform_placement
 from planner.model.spec import Workload
 from planner.plan.export import hf_device_map, llamacpp_args
 from planner.plan.record import make_plan
-from gguf_models import EXPERTS, LAYERS, write_deepseek2, write_gpt_oss, write_qwen3moe
+from gguf_models import EXPERTS, LAYERS, write_deepseek2, write_gemma3, write_glm4moe, write_gpt_oss, write_qwen3moe
 
 NORMS = re.compile(r"(norm|sinks)\.weight$")
 
@@ -26,11 +26,28 @@ def _matrix_bytes(path) -> int:
     return sum(t.n_bytes for t in read_gguf_header(path)["tensors"] if not NORMS.search(t.name))
 
 
-@pytest.mark.parametrize("writer", [write_qwen3moe, write_gpt_oss, write_deepseek2])
+@pytest.mark.parametrize("writer", [write_qwen3moe, write_gpt_oss, write_deepseek2, write_gemma3])
 def test_spec_bytes_equal_the_file_tensor_by_tensor_type(tmp_path, writer):
     path = writer(tmp_path / "m.gguf")
     spec = spec_from_gguf(path)
     assert spec.weight_bytes - spec.norm_bytes == _matrix_bytes(path)
+
+
+def test_glm4moe_leaves_out_the_multi_token_prediction_block(tmp_path):
+    path = write_glm4moe(tmp_path / "g.gguf")
+    spec = spec_from_gguf(path)
+    assert (spec.family, spec.layers, spec.moe.dense_first, spec.moe.shared_intermediate) == ("glm4_moe", LAYERS, 1, 256)
+    assert spec.attention_bias and spec.moe.router_bias and spec.weight_bits["lm_head"] == 6.5625
+    mtp = sum(t.n_bytes for t in read_gguf_header(path)["tensors"]
+              if t.name.startswith(f"blk.{LAYERS}.") and not NORMS.search(t.name))
+    assert spec.weight_bytes - spec.norm_bytes == _matrix_bytes(path) - mtp
+
+
+def test_gemma3_windows_five_local_layers_per_global_one(tmp_path):
+    spec = spec_from_gguf(write_gemma3(tmp_path / "g.gguf"))
+    assert (spec.family, spec.ffn, spec.tied_embeddings, spec.qk_norm) == ("gemma3", "geglu", True, True)
+    assert [spec.is_sliding(i) for i in range(6)] == [True] * 5 + [False]
+    assert spec.kv_cache_bytes(4096) == (5 * 1024 + 4096) * spec.kv_bytes_per_token_layer
 
 
 def test_quantized_output_and_experts_keep_their_own_types(tmp_path):
@@ -139,3 +156,17 @@ def test_hf_device_map_names_modules_the_model_has(family):
     assert set(device_map) <= modules
     assert device_map[f"model.layers.{spec.layers - 1}.mlp.experts"] == 0
     assert device_map["model.layers.1.mlp.experts"] == "cpu"
+
+
+def test_ktransformers_gets_one_resident_count_per_layer(tmp_path):
+    from planner.plan.export_moe import ktransformers_args
+    from planner.errors import PlanError
+    spec = spec_from_gguf(write_qwen3moe(tmp_path / "q.gguf"))
+    args, notes = ktransformers_args(_plan(spec, gpu_layers={2, 3}))  # 0, 0, 8, 8 experts resident
+    assert args == ["--kt-num-gpu-experts", "4", "--kt-expert-placement-strategy", "uniform"]
+    assert any("0-8 per layer become 4" in n for n in notes)
+    dense = spec_from_gguf(write_qwen3moe(tmp_path / "d.gguf"))
+    from dataclasses import replace
+    dense = replace(dense, moe=None, family="qwen3")
+    with pytest.raises(PlanError, match="no routed experts"):
+        ktransformers_args(_plan(dense, gpu_layers=set()))

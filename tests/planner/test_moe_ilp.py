@@ -147,3 +147,31 @@ def test_resident_expert_memory_is_counted():
     others = sum(t.n_bytes for t in spec.tensors() if not t.experts)
     assert pred.vram.weights_bytes == pytest.approx(others + spec.norm_bytes + banks / 2, rel=1e-6)
     assert pred.host.weights_bytes == pytest.approx(banks / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_simulated_split_banks_take_the_ilp_time(routed):
+    """The simulator runs a split bank's host experts beside the resident ones (CPU busy),
+    and its decode step is the ILP's."""
+    from planner.plan.record import make_plan
+    from planner.simulate.engine import simulate_plan
+    skew = tuple(float(1000 if e < 16 else 10) for e in range(128))
+    scn = _scn(hw="rtx3060", routing={layer: skew for layer in range(48)} if routed else None)
+    solution = solve_placement(scn, SolverOptions(time_limit_s=60))
+    assert any(0 < n < 128 for n in solution.placement.gpu_experts.values())
+    result = simulate_plan(make_plan(scn, solution.placement, "ilp", solution.prediction))
+    assert result.decode_step_s == pytest.approx(result.ilp_decode_step_s, rel=0.02)
+    assert result.busy_fraction["cpu"] > 0.05
+
+
+def test_moe_activations_are_as_wide_as_the_active_experts():
+    """Workspace and element-wise traffic count k experts' activations per token, not one MLP's."""
+    from planner.cost.terms import acc_workspace_bytes
+    assert preset("mixtral-8x7b").ffn_width == 2 * 14336
+    assert preset("gpt-oss-120b").ffn_width == 4 * 2880
+    assert preset("glm-4.5-air").ffn_width == 8 * 1408 + 1408  # wider than its dense first layer (10944)
+    assert preset("qwen3-8b").ffn_width == 12288
+    mixtral = Scenario(preset("mixtral-8x7b"), load_profile("rtx4090"), Workload(1, 512, 64))
+    dense_twin = replace(mixtral, spec=replace(mixtral.spec, moe=None, family="mistral"))
+    extra = acc_workspace_bytes(mixtral) - acc_workspace_bytes(dense_twin)
+    assert extra == 512 * 2 * 14336 * 2  # prompt rows x 2 x the second expert's width x bf16 bytes

@@ -19,7 +19,8 @@ from planner.solve.ilp import SolverOptions, solve_placement
 from planner.model.placement import Placement
 from planner.plan.record import make_plan
 from planner.cost.options import activation_transfer_s, matmul_rows
-from planner.simulate.engine import SimulationError, _Op, _schedule, simulate_plan
+from planner.simulate.engine import SimulationError, simulate_plan
+from planner.simulate.schedule import Op, schedule
 from planner.simulate.events import KINDS, RESOURCES, STREAM_PREFIX, Event
 from planner.model.spec import ModelSpec, Quantization, Workload
 from planner.simulate.trace import (TraceError, decode_step_events, read_trace, to_chrome_trace, whole_workload_events,
@@ -238,9 +239,9 @@ def test_resources_are_exclusive_and_dependencies_hold(plan, buffers):
 
 
 def test_cpu_workers_bound_concurrent_host_work():
-    ops = [_Op("cpu", f"task {i}", 1.0, "layer 0", "decode") for i in range(5)]
+    ops = [Op("cpu", f"task {i}", 1.0, "layer 0", "decode") for i in range(5)]
     for workers, makespan in ((1, 5.0), (2, 3.0), (5, 1.0)):
-        tl = _schedule(ops, [[] for _ in ops], workers)
+        tl = schedule(ops, [[] for _ in ops], workers)
         assert max(tl.end) == pytest.approx(makespan)
         _check_exclusive([Event("cpu", o.name, tl.start[i], tl.end[i], o.stage, o.phase)
                           for i, o in enumerate(ops)], workers)
