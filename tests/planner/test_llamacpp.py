@@ -199,7 +199,8 @@ def test_whole_layers_give_an_ollama_num_gpu_line():
 
 @pytest.mark.parametrize("flags, expect", [
     ("-ngl 20 -c 4096", lambda s: layers_placement(s, 20)),
-    ("-ngl 99 -nkvo -t 8 -fa 1", lambda s: LlamaPlacement(layers_placement(s, 99).gpu, (False,) * s.spec.layers)),
+    ("-ngl 99 -nkvo -t 8 -fa 1", lambda s: LlamaPlacement(layers_placement(s, 99).gpu, (False,) * s.spec.layers,
+                                                          nkvo=True)),
     ("-ngl 99 -ot 'ffn_.*_exps=CPU'", lambda s: layers_placement(s, 99, n_cpu_moe=s.spec.layers)),
     ("--n-cpu-moe 4 -ngl 99 -ub 128", lambda s: layers_placement(s, 99, n_cpu_moe=4)),
 ])
@@ -224,6 +225,19 @@ def test_settings_flags_reach_the_scenario():
     assert (s.ctx, s.ubatch, s.batch, s.cache_type_k, s.flash_attn, s.mmap, s.threads) == \
         (8192, 256, 1024, "Q8_0", False, False, 4)
     assert f.scenario.ctx_tokens == 8192
+
+
+def test_nkvo_keeps_prompt_attention_on_the_cpu_unlike_a_layer_left_off_the_gpu():
+    """-nkvo pins attention to the CPU; a host cache of a layer -ngl leaves out is read by the
+    GPU in a big micro-batch, so prompts slow down far more with -nkvo."""
+    spec = preset("llama-3.1-8b")
+    args = (spec, load_profile("rtx4090"), Workload(1, 2048, 16))
+    nkvo = predict_llamacpp(*args, "-ngl 99 -nkvo")
+    left_off = predict_llamacpp(*args, "-ngl 0 -ot 'blk=CUDA0' -ot 'output=CUDA0'")
+    assert nkvo.placement.gpu == left_off.placement.gpu and nkvo.placement.kv_gpu == left_off.placement.kv_gpu
+    assert nkvo.prefill_tok_s < 0.5 * left_off.prefill_tok_s
+    assert "-nkvo" in llamacpp_command(nkvo.scenario, nkvo.placement).args
+    assert "-nkvo" not in llamacpp_command(left_off.scenario, left_off.placement).args
 
 
 def test_kv_in_host_memory_costs_decode_time():
