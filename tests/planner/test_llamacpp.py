@@ -354,3 +354,15 @@ def test_cpu_only_machine_plans_for_llamacpp_and_refuses_the_executor():
     assert data["ngl"] == 0 and data["speedup_over_fit"] == pytest.approx(1.0) and data["accelerator_bytes"] == 0
     bad = offplan("solve", "llama-3.2-1b", "--hw", "cpu")
     assert bad.returncode == 2 and "--runtime llamacpp" in bad.stderr
+
+
+@pytest.mark.parametrize("n_layers", [1, 10, 48, 61, 126])
+def test_layer_alternatives_match_exactly_their_layers(n_layers):
+    from planner.plan.llamacpp_command import _layers_regex
+    rng = random.Random(n_layers)
+    for trial in range(100):
+        layers = (sorted(rng.sample(range(n_layers), rng.randint(1, n_layers))) if trial % 2
+                  else list(range(rng.randint(0, n_layers - 1), n_layers)))
+        pattern = re.compile(rf"^blk\.{_layers_regex(layers, n_layers)}\.ffn_up\.weight$")
+        matched = [i for i in range(n_layers) if pattern.search(f"blk.{i}.ffn_up.weight")]
+        assert matched == layers, pattern.pattern
