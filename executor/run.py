@@ -136,6 +136,9 @@ def check_runnable(plan: Plan, devices: Devices) -> None:
     if plan.draft is not None and plan.draft.spec.vocab != plan.model.vocab:
         raise PlanError(f"draft {plan.draft.name!r}: vocabulary {plan.draft.spec.vocab} differs from the target's "
                         f"{plan.model.vocab}")
+    if plan.model.moe is not None and (plan.model.quantization is not None or plan.model.weight_bits):
+        raise PlanError("the executor runs mixture-of-experts models with unquantized weights only; this plan "
+                        "is for quantized ones: export it to llama.cpp, or plan the bf16 model")
     if plan.model.quantization is not None and plan.model.quantization.bits not in (4, 8):
         raise PlanError(f"quantization.bits: the executor runs 4- and 8-bit weights, the plan has "
                         f"{plan.model.quantization.bits}")

@@ -34,7 +34,7 @@ def layer_signature(plan: Plan, layer: int) -> str:
     p = plan.placement
     tensors = plan.model.layer_tensors(layer)
     attn = [(t.kind, p.device(t.name)) for t in tensors if t.group == "attn"]
-    mlp = [(t.kind, p.device(t.name)) for t in tensors if t.group == "mlp"]
+    mlp = [(t.kind, p.device(t.name)) for t in tensors if t.group in ("mlp", "router")]
     banks = [t for t in tensors if t.experts]
     all_devices = {d for _, d in attn + mlp}
     if len(all_devices) == 1 and not banks:

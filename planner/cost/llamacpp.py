@@ -128,6 +128,7 @@ class LlamaPlacement:
 
     gpu: frozenset[str]
     kv_gpu: tuple[bool, ...]
+    nkvo: bool = False  # -nkvo: attention over host caches forced to the CPU, prompt batches included
 
 
 # ---- rates ------------------------------------------------------------------------------------
@@ -230,13 +231,23 @@ def attention_decode(scn: LlamaScenario, on_gpu: bool) -> PathCost:
     return _attention_s(scn, wl.batch, wl.prompt + wl.gen / 2.0, on_gpu, wl.batch)
 
 
-def attention_prefill(scn: LlamaScenario, on_gpu: bool) -> PathCost:
-    """Causal attention of each micro-batch over the cache before it and itself."""
+def attention_prefill(scn: LlamaScenario, on_gpu: bool, nkvo: bool = False) -> PathCost:
+    """Causal attention of each micro-batch over the cache before it and itself.
+
+    A host-held cache of a layer llama.cpp did not offload is read by the GPU in a big micro-
+    batch: the scheduler puts attention with its GPU neighbours and copies the cache views up
+    (and the new keys and values down into the cache). With -nkvo llama.cpp pins attention to
+    the CPU ("all nodes between the KV store and the attention output are run on the CPU")."""
     total = PathCost()
     per_seq = scn.workload.prompt
     for rows, start in scn.micro_batches():
         depth = start % per_seq + rows / 2.0
-        total = total + _attention_s(scn, rows, depth, on_gpu)
+        if on_gpu or nkvo or not copied_to_gpu(scn, rows):
+            total = total + _attention_s(scn, rows, depth, on_gpu)
+            continue
+        cache_bytes = scn.kv_bytes_per_token_layer * (start % per_seq + rows)
+        copies = h2d_weight_s(scn, cache_bytes) + h2d_weight_s(scn, scn.kv_bytes_per_token_layer * rows)
+        total = total + _attention_s(scn, rows, depth, True) + PathCost(xfer_s=copies)
     return total
 
 
@@ -259,7 +270,8 @@ def step_devices(scn: LlamaScenario, lp: LlamaPlacement, weights_on_gpu: bool) -
     the head stage is the embedding lookup (always on the CPU) and precedes layer 0."""
     out = []
     for layer in range(scn.spec.layers):
-        out.append([lp.kv_gpu[layer] if n == "attention" else (weights_on_gpu or n in lp.gpu)
+        attention_gpu = lp.kv_gpu[layer] or (weights_on_gpu and not lp.nkvo)
+        out.append([attention_gpu if n == "attention" else (weights_on_gpu or n in lp.gpu)
                     for n in layer_sequence(scn, layer)])
     out.append([False, "output.weight" in lp.gpu])
     return out
@@ -320,7 +332,7 @@ def evaluate_llamacpp(scn: LlamaScenario, lp: LlamaPlacement) -> Prediction:
         pre = sum((weight_prefill(scn, t, dev[t.name]) for t in items), PathCost())
         if layer is not None:
             dec = dec + attention_decode(scn, lp.kv_gpu[layer])
-            pre = pre + attention_prefill(scn, lp.kv_gpu[layer])
+            pre = pre + attention_prefill(scn, lp.kv_gpu[layer], lp.nkvo)
         else:
             dec = dec + PathCost(acc_s=scn.fit.token_s) if scn.has_gpu else dec + PathCost(cpu_s=scn.fit.token_s)
         dec = dec + _times(one_switch_d, sw_d[i])

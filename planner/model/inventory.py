@@ -93,7 +93,8 @@ def _moe_tensors(spec: ModelSpec, layer: int) -> Iterator[TensorSpec]:
     from planner.model.spec import TensorSpec
     moe, h, base = spec.moe, spec.hidden, f"layers.{layer}.mlp"
     assert moe is not None
-    router = _matrix(spec, f"{base}.gate", layer, "router", "mlp", moe.experts, h, quantizable=False)
+    # Group `router`: kept in the model dtype (quantizers leave it), never compensated.
+    router = _matrix(spec, f"{base}.gate", layer, "router", "router", moe.experts, h, quantizable=False)
     if moe.router_bias:
         # gpt-oss: a router bias in the model dtype; DeepSeek-V3 / GLM-4.5: a routing-score
         # correction kept in fp32 (e_score_correction_bias).

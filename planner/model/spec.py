@@ -96,7 +96,7 @@ class TensorSpec:
     name: str
     layer: int | None  # None for embed_tokens / lm_head
     kind: str  # q_proj, k_proj, ..., router, experts, embed_tokens, lm_head
-    group: str  # attn | mlp | experts | embed | head
+    group: str  # attn | mlp | router | experts | embed | head
     rows: int
     cols: int
     n_bytes: int

@@ -109,10 +109,10 @@ def llamacpp_command(scn: LlamaScenario, lp: LlamaPlacement, model_path: str = "
     n = scn.spec.layers
     n_kv = sum(lp.kv_gpu)
     movable = {t.name for t in scn.tensors if t.kind != "token_embd"}
-    if n_kv:
+    if lp.nkvo:  # every cache in host memory with attention on the CPU: -nkvo and any -ngl
+        candidates = [(n + 1, True), (0, True)]
+    elif n_kv:
         candidates = [(n_kv + (1 if n_kv == n and "output.weight" in lp.gpu else 0), False)]
-    elif lp.gpu:  # weights on the GPU, every cache in host memory: -nkvo, or -ngl 0 with overrides
-        candidates = [(n + 1, True), (0, False)]
     else:
         candidates = [(0, False)]
     best = None

@@ -186,4 +186,4 @@ def _placement(scn: LlamaScenario, ngl: int, nkvo: bool, overrides: list[tuple[s
         if on:
             gpu.add(t.name)
     kv = tuple(not nkvo and layer >= first_gpu for layer in range(n_layers))
-    return LlamaPlacement(frozenset(gpu), kv)
+    return LlamaPlacement(frozenset(gpu), kv, nkvo)

@@ -131,8 +131,8 @@ def build_llamacpp_problem(scn: LlamaScenario, margin_bytes: tuple[float, float]
 
 
 def _step_expr(scn: LlamaScenario, w: dict, k: list, layer: int, name: str, weights_on_gpu: bool):
-    if name == "attention":
-        return k[layer]
+    if name == "attention":  # big prompt batches run attention on the GPU either way (no -nkvo here)
+        return 1 if weights_on_gpu else k[layer]
     return 1 if weights_on_gpu else w[name]
 
 

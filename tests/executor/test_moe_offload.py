@@ -109,3 +109,12 @@ def test_offloaded_qwen3_runs_give_the_tokens_of_an_all_resident_run():
     assert len(set(reference[0])) > 2
     for name, placement in mixed_placements(spec).items():
         assert _tokens(spec, placement) == reference, name
+
+
+def test_quantized_moe_plans_are_refused_in_one_line():
+    from planner.errors import PlanError
+    from planner.model.spec import Quantization
+    spec = replace(moe_spec(), quantization=Quantization(4, 32))
+    with pytest.raises(PlanError, match="unquantized weights only") as info:
+        run_plan(plan_for(spec, uniform_placement(spec, "gpu")), RunOptions(synthetic=True), devices=CPU)
+    assert "\n" not in str(info.value)

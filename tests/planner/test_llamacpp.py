@@ -199,7 +199,8 @@ def test_whole_layers_give_an_ollama_num_gpu_line():
 
 @pytest.mark.parametrize("flags, expect", [
     ("-ngl 20 -c 4096", lambda s: layers_placement(s, 20)),
-    ("-ngl 99 -nkvo -t 8 -fa 1", lambda s: LlamaPlacement(layers_placement(s, 99).gpu, (False,) * s.spec.layers)),
+    ("-ngl 99 -nkvo -t 8 -fa 1", lambda s: LlamaPlacement(layers_placement(s, 99).gpu, (False,) * s.spec.layers,
+                                                          nkvo=True)),
     ("-ngl 99 -ot 'ffn_.*_exps=CPU'", lambda s: layers_placement(s, 99, n_cpu_moe=s.spec.layers)),
     ("--n-cpu-moe 4 -ngl 99 -ub 128", lambda s: layers_placement(s, 99, n_cpu_moe=4)),
 ])
@@ -224,6 +225,19 @@ def test_settings_flags_reach_the_scenario():
     assert (s.ctx, s.ubatch, s.batch, s.cache_type_k, s.flash_attn, s.mmap, s.threads) == \
         (8192, 256, 1024, "Q8_0", False, False, 4)
     assert f.scenario.ctx_tokens == 8192
+
+
+def test_nkvo_keeps_prompt_attention_on_the_cpu_unlike_a_layer_left_off_the_gpu():
+    """-nkvo pins attention to the CPU; a host cache of a layer -ngl leaves out is read by the
+    GPU in a big micro-batch, so prompts slow down far more with -nkvo."""
+    spec = preset("llama-3.1-8b")
+    args = (spec, load_profile("rtx4090"), Workload(1, 2048, 16))
+    nkvo = predict_llamacpp(*args, "-ngl 99 -nkvo")
+    left_off = predict_llamacpp(*args, "-ngl 0 -ot 'blk=CUDA0' -ot 'output=CUDA0'")
+    assert nkvo.placement.gpu == left_off.placement.gpu and nkvo.placement.kv_gpu == left_off.placement.kv_gpu
+    assert nkvo.prefill_tok_s < 0.5 * left_off.prefill_tok_s
+    assert "-nkvo" in llamacpp_command(nkvo.scenario, nkvo.placement).args
+    assert "-nkvo" not in llamacpp_command(left_off.scenario, left_off.placement).args
 
 
 def test_kv_in_host_memory_costs_decode_time():
@@ -340,3 +354,15 @@ def test_cpu_only_machine_plans_for_llamacpp_and_refuses_the_executor():
     assert data["ngl"] == 0 and data["speedup_over_fit"] == pytest.approx(1.0) and data["accelerator_bytes"] == 0
     bad = offplan("solve", "llama-3.2-1b", "--hw", "cpu")
     assert bad.returncode == 2 and "--runtime llamacpp" in bad.stderr
+
+
+@pytest.mark.parametrize("n_layers", [1, 10, 48, 61, 126])
+def test_layer_alternatives_match_exactly_their_layers(n_layers):
+    from planner.plan.llamacpp_command import _layers_regex
+    rng = random.Random(n_layers)
+    for trial in range(100):
+        layers = (sorted(rng.sample(range(n_layers), rng.randint(1, n_layers))) if trial % 2
+                  else list(range(rng.randint(0, n_layers - 1), n_layers)))
+        pattern = re.compile(rf"^blk\.{_layers_regex(layers, n_layers)}\.ffn_up\.weight$")
+        matched = [i for i in range(n_layers) if pattern.search(f"blk.{i}.ffn_up.weight")]
+        assert matched == layers, pattern.pattern
