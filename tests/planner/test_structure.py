@@ -120,3 +120,13 @@ def test_the_command_line_imports_no_torch(module):
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_readme_and_architecture_name_every_package():
+    packages = {p.parent.name for p in PLANNER.glob("*/__init__.py")}
+    assert packages == set(ALLOWED), "a new package: add it to ALLOWED, ARCHITECTURE.md and README"
+    architecture = (ROOT / "ARCHITECTURE.md").read_text()
+    development = (ROOT / "README.md").read_text().split("## Development", 1)[1]
+    for package in sorted(packages):
+        assert f"planner/{package}" in architecture, package
+        assert f"planner/{package}" in development, package
