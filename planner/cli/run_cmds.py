@@ -215,8 +215,7 @@ def routing(
                                                             '{"tokens": [...]}.')],
     out: Annotated[Path, typer.Option("--out", "-o", help="Write the routing table (routing.yaml).")],
 ) -> None:
-    """Count the tokens each expert of each MoE layer receives on a prompt file; plan with it
-    by `offplan solve MODEL --routing FILE`."""
+    """Count the tokens each expert of each MoE layer receives (for `solve --routing`)."""
     from planner.model.routing import save_routing
     check_out_path(out, "--out", {"CHECKPOINT": checkpoint, "--prompts": prompts})
     try:
