@@ -95,7 +95,6 @@ def solve(
     if not profile.accelerator.present:
         raise OffplanError(f"--hw {hw}: a machine without a GPU; offplan's executor needs one (or the loopback "
                            "profile from `offplan profile`): plan a CPU-only llama.cpp run with --runtime llamacpp")
-    from planner.model.ranks import load_rank_table
     from planner.solve.entry import SolveRequest, solve_model
     from planner.solve.quality import parse_quality
     quality_mode, quality_value = parse_quality(quality)
@@ -107,7 +106,7 @@ def solve(
         SolverOptions(time_limit_s=time_limit, solver=solver, quality=quality_value, quality_mode=quality_mode,
                       slack=slack),
         drafts=not no_draft, acceptance=dict(_parse_acceptance(a) for a in accept),
-        rank_table=load_rank_table(rank_table) if rank_table else None, compare=compare, routing=routing)
+        rank_table=rank_table, compare=compare, routing=routing)
     if json_out:
         result = solve_model(request)
     else:

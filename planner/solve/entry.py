@@ -10,6 +10,7 @@ compensation report. Option validation lives in planner/solve/ilp.py (`check_opt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 from planner.cost.compensation import CompensationTime, compensation_time
@@ -18,7 +19,7 @@ from planner.cost.options import Scenario
 from planner.errors import OffplanError
 from planner.hardware.profile import HardwareProfile
 from planner.model.modelfile import ModelFile
-from planner.model.ranks import RankTable, compensation_settings
+from planner.model.ranks import RankTable, compensation_settings, load_rank_table
 from planner.model.spec import Workload
 from planner.plan.record import Plan, make_plan
 from planner.solve.baselines import BaselineResult, run_baselines
@@ -37,7 +38,7 @@ class SolveRequest:
     options: SolverOptions = SolverOptions()
     drafts: bool = True  # search the model file's draft candidates (when it lists any)
     acceptance: Mapping[str, float] = field(default_factory=dict)  # measured rates by draft name
-    rank_table: RankTable | None = None  # measured recovery per rank (`offplan sensitivity`)
+    rank_table: RankTable | Path | None = None  # measured recovery per rank (`offplan sensitivity`'s ranks.yaml)
     compare: bool = False  # also score what other tools would pick
     progress: Callable[[str], None] | None = None  # one line per step of a draft search
     routing: dict[int, tuple[float, ...]] | None = None  # MoE layer -> routed tokens per expert (single solve)
@@ -66,7 +67,8 @@ def solve_model(request: SolveRequest) -> SolveResult:
         raise OffplanError("--rank-table: give --quality too (max, or a fraction such as 0.5)")
     rank_choices, rank_recovery = (0,), {}
     if request.compensated:
-        rank_choices, rank_recovery = compensation_settings(spec, request.model.compensation, request.rank_table)
+        table = load_rank_table(request.rank_table) if isinstance(request.rank_table, Path) else request.rank_table
+        rank_choices, rank_recovery = compensation_settings(spec, request.model.compensation, table)
     search_result = None
     if request.model.drafts and request.drafts:
         search_result = search(spec, request.profile, request.workload, request.model.drafts, request.options,
