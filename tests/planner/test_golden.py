@@ -40,7 +40,14 @@ def _solve_json(example: str, profile: str) -> dict:
     return {k: out[k] for k in KEYS if k in out}
 
 
-@pytest.mark.parametrize("path", sorted(GOLDEN.glob("*.json")), ids=lambda p: p.stem)
+def _cases():
+    """Every golden file; the large models' solves take seconds each (marked slow)."""
+    for path in sorted(GOLDEN.glob("*.json")):
+        slow = not path.stem.startswith(("tiny", "llama-3.1-8b"))
+        yield pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("path", list(_cases()))
 def test_solve_matches_the_recorded_output(path):
     example, profile = path.stem.split("--")
     got = json.loads(json.dumps(_solve_json(example, profile)))  # the same types as the file's
