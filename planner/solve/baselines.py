@@ -9,6 +9,10 @@
   copied to the accelerator for prompt processing, as llama.cpp does for large batches.
 - `stream-all`: every weight streamed (FlexGen / ZeRO-Inference style at batch 1); the KV
   cache on the accelerator, moved to the host in the smallest uniform share that fits.
+- `experts-cpu` (mixture-of-experts models only): the usual recipe, `-ot exps=CPU` /
+  `--cpu-moe`: every routed expert in host memory and computed there (copied to the
+  accelerator for prompt processing, as llama.cpp does for large batches), the rest on the
+  accelerator, the KV cache too (moved to the host in the smallest uniform share that fits).
 """
 
 from __future__ import annotations
@@ -95,6 +99,21 @@ def stream_all(scn: Scenario, tables: OptionTables) -> BaselineResult:
     return BaselineResult("stream-all", None, None, "streaming buffers and workspace do not fit")
 
 
+def experts_cpu(scn: Scenario, tables: OptionTables) -> BaselineResult:
+    spec = scn.spec
+    devices = {t.name: "cpu" if t.experts or t.group == "embed" else "gpu" for t in spec.tensors()}
+    banks = tuple(t.name for t in spec.tensors() if t.experts)  # copied up for prompts, as llama.cpp does
+    for c in KV_LEVELS:
+        placement = Placement(devices, (c,) * spec.layers, banks)
+        prediction = _fits(scn, placement, tables)
+        if prediction:
+            return BaselineResult("experts-cpu", placement, prediction, f"experts on the CPU, KV {c:.0%} on the host")
+    return BaselineResult("experts-cpu", None, None, "the weights without their experts do not fit on the GPU")
+
+
 def run_baselines(scn: Scenario, tables: OptionTables | None = None) -> list[BaselineResult]:
     tables = tables or option_tables(scn)
-    return [accelerate(scn, tables), llamacpp(scn, tables), stream_all(scn, tables)]
+    results = [accelerate(scn, tables), llamacpp(scn, tables), stream_all(scn, tables)]
+    if scn.spec.moe is not None:
+        results.append(experts_cpu(scn, tables))
+    return results

@@ -187,3 +187,17 @@ def test_routers_and_banks_are_not_compensated():
     tables = option_tables(scn)
     assert {o.rank for o in tables.tensor["layers.0.mlp.gate"]} == {0}
     assert {o.rank for o in tables.tensor["layers.0.self_attn.q_proj"]} == {0, 16}
+
+
+def test_the_usual_experts_on_cpu_recipe_is_a_baseline_and_never_faster():
+    from planner.solve.baselines import run_baselines
+    scn = _scn(hw="rtx3060")
+    baselines = {b.name: b for b in run_baselines(scn)}
+    recipe = baselines["experts-cpu"]
+    assert recipe.prediction is not None
+    banks = [t for t in scn.spec.tensors() if t.experts]
+    assert all(recipe.placement.experts_on_gpu(t) == 0 for t in banks)
+    solution = solve_placement(scn, SolverOptions(time_limit_s=60))
+    assert solution.prediction.total_s <= recipe.prediction.total_s * (1 + 1e-6)
+    dense = Scenario(preset("qwen3-8b"), load_profile("rtx3060"), Workload(1, 512, 64))
+    assert "experts-cpu" not in {b.name for b in run_baselines(dense)}
