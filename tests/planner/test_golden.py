@@ -23,7 +23,7 @@ from planner.solve.ilp import SolverOptions
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 KEYS = ("model", "workload", "ttft_s", "decode_step_s", "total_s", "placement", "vram_used_bytes",
-        "host_used_bytes", "draft")
+        "host_used_bytes", "draft", "experts")
 TIMES = ("ttft_s", "decode_step_s", "total_s")
 REGEN = os.environ.get("OFFPLAN_REGEN_GOLDEN") == "1"
 # Every recorded plan was proven optimal within the default 10 s; the solver's search is
