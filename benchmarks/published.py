@@ -210,7 +210,8 @@ def fit_constants(rows: list[dict]) -> LlamaCppFit:
             "core_read_gbps": [12.0, 16.0, 20.0, 30.0, 50.0],
             "cpu_op_s": [0.0, 5e-6, 10e-6, 20e-6, 40e-6],
             "gpu_op_s": [0.0, 2e-6, 4e-6, 8e-6, 16e-6],
-            "cpu_attention_efficiency": [0.05, 0.1, 0.2, 0.35, 0.6, 1.0]}
+            "cpu_attention_efficiency": [0.05, 0.1, 0.2, 0.35, 0.6, 1.0],
+            "cpu_read_efficiency": [0.6, 0.7, 0.8, 0.9, 1.0, 1.1]}
     fit = LlamaCppFit()
     best = objective([score(r, fit) for r in rows])
     for _round in range(2):

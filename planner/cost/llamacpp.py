@@ -45,12 +45,13 @@ class LlamaCppFit:
     switch_s: float = 100e-6  # one change of backend in the graph: stream sync, copy call, CPU threads waking
     token_s: float = 600e-6  # fixed cost per decode step (graph build, launches not hidden, sampling)
     gpu_prefill_efficiency: float = 0.8  # share of the fp16 tensor peak prompt matmuls reach
-    cpu_prefill_efficiency: float = 0.25  # share of the host's best peak flops prompt matmuls reach
+    cpu_prefill_efficiency: float = 0.35  # share of the host's best peak flops prompt matmuls reach
     core_read_gbps: float = 30.0  # DRAM read rate one CPU thread sustains in a quantized GEMV
     cpu_op_s: float = 20e-6  # per CPU-computed matmul or attention and pass: the threads' barrier and wake-up
-    cpu_expert_efficiency: float = 0.45  # expert banks' prompt matmuls on the CPU, relative to dense ones
+    cpu_expert_efficiency: float = 0.3  # expert banks' prompt matmuls on the CPU, relative to dense ones
     gpu_op_s: float = 0.0  # per GPU matmul or attention and pass: kernel launch and tail not hidden
     cpu_attention_efficiency: float = 0.6  # CPU attention over a host cache, relative to CPU prompt matmuls
+    cpu_read_efficiency: float = 0.9  # share of the host's achievable DRAM bandwidth decode matmuls read at
 
 
 FIT = LlamaCppFit()
@@ -139,10 +140,10 @@ def _threads(scn: LlamaScenario) -> int:
 
 
 def host_read_gbps(scn: LlamaScenario) -> float:
-    """DRAM bytes/s llama.cpp's CPU matmuls read weights at: the host's bandwidth times its GEMV
-    efficiency, capped by what the threads in use can pull."""
+    """DRAM bytes/s llama.cpp's CPU matmuls read weights at: the host's achievable bandwidth
+    times llama.cpp's read efficiency, capped by what the threads in use can pull."""
     h = scn.profile.host
-    return min(h.mem_bw_gbps, _threads(scn) * scn.fit.core_read_gbps) * h.gemv_efficiency
+    return min(h.mem_bw_gbps, _threads(scn) * scn.fit.core_read_gbps) * scn.fit.cpu_read_efficiency
 
 
 def host_flops(scn: LlamaScenario) -> float:
