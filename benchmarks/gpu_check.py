@@ -54,7 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ONE_B = ModelSpec(name="llama-1b-shape", family="llama", layers=16, hidden=2048, intermediate=8192, heads=32,
                   kv_heads=8, vocab=128256, dtype="fp32", max_context=4096, tied_embeddings=True,
                   rope_theta=500000.0)
-GROUP_SIZE = 64  # divides every matrix width of both models
+# The layouts of PyTorch's fused kernels (executor/qkernels.py): int4 in groups of 64 (divides
+# every matrix width of both models), int8 with one scale per output channel (group size 0).
+GROUP_SIZE = {4: 64, 8: 0}
 KV_HOST_FRACTION = 0.5
 
 
@@ -93,7 +95,7 @@ def cases(name: str, spec: ModelSpec, workload: Workload, quant_dtype: str) -> l
     float_plans = placements(spec)
     out = [Case(name, plan, spec, placement, workload) for plan, placement in float_plans.items()]
     for bits in (8, 4):
-        quantized = replace(spec, dtype=quant_dtype, quantization=Quantization(bits, GROUP_SIZE, True))
+        quantized = replace(spec, dtype=quant_dtype, quantization=Quantization(bits, GROUP_SIZE[bits], True))
         out += [Case(name, f"int{bits} {plan}", quantized, float_plans[plan], workload)
                 for plan in ("resident", "mixed")]
     return out
