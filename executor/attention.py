@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from planner.errors import PlanError
 
+from . import kvlink
+
 _NEG_INF = float("-inf")
 _TINY = 1e-30  # clamps an all-zero softmax denominator; its numerator is 0 too, so the row is 0
 _THREAD_PREFIX = "offplan-kv-host"
@@ -155,56 +157,6 @@ def merge_partials(o_a: Tensor, lse_a: Tensor, o_b: Tensor,
     return out.to(o_a.dtype), lse
 
 
-def _is_cuda(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available()
-
-
-def _alloc_host(numel: int, dtype: torch.dtype, host_device: torch.device, pin: bool) -> Tensor:
-    """Flat host buffer; page-locked when it takes part in async copies with a CUDA device."""
-    if pin:
-        return torch.empty(numel, dtype=dtype, device=host_device, pin_memory=True)
-    return torch.empty(numel, dtype=dtype, device=host_device)
-
-
-def _copy(dst: Tensor, src: Tensor, cuda: bool) -> None:
-    """Cross-link copy. CUDA: async on the current stream (callers pass pinned host memory and
-    order reuse with `_ready_marker`); CPU twin: a plain synchronous memcpy."""
-    dst.copy_(src, non_blocking=cuda)
-
-
-def _ready_marker(device: torch.device, cuda: bool) -> torch.cuda.Event | None:
-    """An event recorded after the copies queued so far on the device's current CUDA stream;
-    None on CPU, where copies are already complete when `_copy` returns."""
-    if not cuda:
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-def _wait_ready(marker: torch.cuda.Event | None) -> None:
-    """Blocks the calling (host worker) thread until the marked copies have landed."""
-    if marker is not None:
-        marker.synchronize()
-
-
-def _clock(device: torch.device, cuda: bool) -> float | torch.cuda.Event:
-    """A time stamp on the device's own timeline: a timing event on CUDA, perf_counter on CPU."""
-    if not cuda:
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-def _elapsed_s(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
-    """Seconds between two `_clock` stamps; on CUDA waits for the end event to complete."""
-    if isinstance(start, float):
-        return end - start
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
 @dataclass(frozen=True, eq=False)
 class _HostJob:
     """One call's work for the host worker; every tensor is in (pinned) host memory."""
@@ -254,15 +206,15 @@ class HybridKVCache(nn.Module):
         self.host_device = torch.device(host_device)
         self.host_tokens, self.device_tokens = host_tokens, max_tokens - host_tokens
         self.cpu_threads, self.timed = cpu_threads, timed
-        self._cuda = _is_cuda(self.device)
+        self._cuda = kvlink.is_cuda(self.device)
         self._pin = self._cuda and self.host_device.type == "cpu"
         host_shape = (batch, kv_heads, host_tokens, head_dim)
         host_numel = math.prod(host_shape)
         # Plain attributes, not registered buffers: model.to(device) must not move the host part.
         # Not page-locked: no async copy reads or writes it (the prefill's d2h into it is
         # synchronous), and pin_memory would round each block up to a power of two.
-        self._host_k = _alloc_host(host_numel, dtype, self.host_device, False).view(host_shape)
-        self._host_v = _alloc_host(host_numel, dtype, self.host_device, False).view(host_shape)
+        self._host_k = kvlink.alloc_host(host_numel, dtype, self.host_device, False).view(host_shape)
+        self._host_v = kvlink.alloc_host(host_numel, dtype, self.host_device, False).view(host_shape)
         dev_shape = (batch, kv_heads, self.device_tokens, head_dim)
         self._dev_k = torch.empty(dev_shape, dtype=dtype, device=self.device)
         self._dev_v = torch.empty(dev_shape, dtype=dtype, device=self.device)
@@ -319,7 +271,7 @@ class HybridKVCache(nn.Module):
         numel = math.prod(shape)
         buf = self._staging.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = (_alloc_host(numel, dtype, self.host_device, self._pin) if on_host
+            buf = (kvlink.alloc_host(numel, dtype, self.host_device, self._pin) if on_host
                    else torch.empty(numel, dtype=dtype, device=self.device))
             self._staging[name] = buf
         return buf[:numel].view(shape)
@@ -363,27 +315,27 @@ class HybridKVCache(nn.Module):
     def _prefill(self, q: Tensor, k: Tensor, v: Tensor, n_host: int, device_keys: int) -> Tensor:
         """A prefill from an empty cache: every key is fresh on the accelerator, so attention runs
         there in one piece; the host slots' K/V are then copied down (d2h) once."""
-        clock_start = _clock(self.device, self._cuda) if self.timed else 0.0
+        clock_start = kvlink.clock(self.device, self._cuda) if self.timed else 0.0
         out, _ = attention_with_lse(q, k, v, causal_offset=0)  # [b, heads, t, hd]
         if device_keys:
             self._dev_k[:, :, :device_keys].copy_(k[:, :, n_host:])
             self._dev_v[:, :, :device_keys].copy_(v[:, :, n_host:])
-        _copy(self._host_k[:, :, :n_host], k[:, :, :n_host], self._cuda)
-        _copy(self._host_v[:, :, :n_host], v[:, :, :n_host], self._cuda)
+        kvlink.copy(self._host_k[:, :, :n_host], k[:, :, :n_host], self._cuda)
+        kvlink.copy(self._host_v[:, :, :n_host], v[:, :, :n_host], self._cuda)
         if self.timed:
-            self.device_s += _elapsed_s(clock_start, _clock(self.device, self._cuda))
+            self.device_s += kvlink.elapsed_s(clock_start, kvlink.clock(self.device, self._cuda))
         return out
 
     def _device_part(self, q: Tensor, k: Tensor, v: Tensor, start: int, n_host: int,
                      device_keys: int) -> tuple[Tensor, Tensor]:
-        clock_start = _clock(self.device, self._cuda) if self.timed else 0.0
+        clock_start = kvlink.clock(self.device, self._cuda) if self.timed else 0.0
         first_slot = max(start, self.host_tokens) - self.host_tokens
         self._dev_k[:, :, first_slot:device_keys].copy_(k[:, :, n_host:])
         self._dev_v[:, :, first_slot:device_keys].copy_(v[:, :, n_host:])
         out, lse = attention_with_lse(q, self._dev_k[:, :, :device_keys], self._dev_v[:, :, :device_keys],
                                       causal_offset=start - self.host_tokens)
         if self.timed:
-            self.device_s += _elapsed_s(clock_start, _clock(self.device, self._cuda))
+            self.device_s += kvlink.elapsed_s(clock_start, kvlink.clock(self.device, self._cuda))
         return out, lse
 
     def _stage_host(self, q: Tensor, k: Tensor, v: Tensor, start: int, n_host: int,
@@ -391,22 +343,22 @@ class HybridKVCache(nn.Module):
         """Queues the d2h copies of q and of the new host-slot K/V for the worker."""
         batch, heads, t, head_dim = q.shape
         q_h = self._buffer("q_host", tuple(q.shape), q.dtype, on_host=True)
-        _copy(q_h, q, self._cuda)
+        kvlink.copy(q_h, q, self._cuda)
         k_h = v_h = None
         if n_host > 0:
             new_shape = (batch, self.kv_heads, n_host, head_dim)
             k_h = self._buffer("k_host", new_shape, self.dtype, on_host=True)
             v_h = self._buffer("v_host", new_shape, self.dtype, on_host=True)
-            _copy(k_h, k[:, :, :n_host], self._cuda)
-            _copy(v_h, v[:, :, :n_host], self._cuda)
+            kvlink.copy(k_h, k[:, :, :n_host], self._cuda)
+            kvlink.copy(v_h, v[:, :, :n_host], self._cuda)
         o_h = self._buffer("o_host", tuple(q.shape), q.dtype, on_host=True)
         lse_h = self._buffer("lse_host", (batch, heads, t), _accumulate_dtype(q.dtype), on_host=True)
-        return _HostJob(q_h, k_h, v_h, start, host_keys, _ready_marker(self.device, self._cuda), o_h, lse_h)
+        return _HostJob(q_h, k_h, v_h, start, host_keys, kvlink.ready_marker(self.device, self._cuda), o_h, lse_h)
 
     def _host_job(self, job: _HostJob) -> float:
         """Runs on the worker thread: writes the new host-slot K/V, attends over the host part
         into job.out / job.lse (read by the h2d copy). Returns its compute time in seconds."""
-        _wait_ready(job.ready)
+        kvlink.wait_ready(job.ready)
         begin = time.perf_counter()
         if job.k_new is not None:
             end = job.start + job.k_new.shape[2]
@@ -424,7 +376,7 @@ class HybridKVCache(nn.Module):
         job = self._stage_host(q, k, v, start, n_host, host_keys)
         host_s = self._host_job(job)
         out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
-        _copy(out, job.out, self._cuda)
+        kvlink.copy(out, job.out, self._cuda)
         if self.timed:
             self.host_s += host_s
         return out
@@ -435,13 +387,13 @@ class HybridKVCache(nn.Module):
         future = self._executor().submit(self._host_job, job)
         o_g, lse_g = self._device_part(q, k, v, start, n_host, device_keys)
         host_s = future.result()
-        clock_start = _clock(self.device, self._cuda) if self.timed else 0.0
+        clock_start = kvlink.clock(self.device, self._cuda) if self.timed else 0.0
         o_c = self._buffer("o_dev", tuple(q.shape), q.dtype, on_host=False)
         lse_c = self._buffer("lse_dev", tuple(lse_g.shape), lse_g.dtype, on_host=False)
-        _copy(o_c, job.out, self._cuda)
-        _copy(lse_c, job.lse, self._cuda)
+        kvlink.copy(o_c, job.out, self._cuda)
+        kvlink.copy(lse_c, job.lse, self._cuda)
         out = merge_partials(o_g, lse_g, o_c, lse_c)[0]
         if self.timed:
             self.host_s += host_s
-            self.merge_s += _elapsed_s(clock_start, _clock(self.device, self._cuda))
+            self.merge_s += kvlink.elapsed_s(clock_start, kvlink.clock(self.device, self._cuda))
         return out

@@ -40,7 +40,7 @@ def _cuda_available(devices: Devices) -> Available:
 
 def _host_available() -> Available:
     """CPU twin: the host's available RAM (MemAvailable)."""
-    from .profiler import probe_host
+    from .hostfacts import probe_host
     facts = probe_host()
     return Available(facts.ram_available_bytes, facts.ram_total_bytes, "host RAM (loopback device)")
 

@@ -213,7 +213,7 @@ def check_host_memory(spec: ModelSpec, what: str, available_bytes: int | None = 
     measures) exceed the memory this machine has available."""
     needed = spec.params * 4
     if available_bytes is None:
-        from .profiler import probe_host
+        from .hostfacts import probe_host
         available_bytes = probe_host().ram_available_bytes
     if available_bytes and needed > available_bytes:
         raise SpecError(f"{what}: {spec.name} needs {fmt_bytes(needed)} of memory for its fp32 weights, "

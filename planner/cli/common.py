@@ -3,6 +3,7 @@ and the top-level handler that turns known errors into one line (exit code 2).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -212,8 +213,6 @@ def _exit_interrupted() -> None:
     an interrupted HiGHS still has worker threads."""
     err_console.print("interrupted")
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
             stream.flush()
-        except Exception:  # a closed pipe: nothing more to say
-            pass
     os._exit(130)

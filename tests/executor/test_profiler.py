@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from executor import measure, overhead, profiler, timing
+from executor import hostfacts, measure, overhead, profiler, timing
 from executor.measure import Figure, Settings, Target, Timing
 from planner.errors import HardwareError
 from planner.hardware.profile import HardwareProfile, load_profile, save_profile
@@ -183,7 +183,7 @@ def test_a_gpu_profile_assembles_from_the_same_sweep():
     small = replace(profiler.TINY, link_sizes_bytes=(64 * 1024, MIB), copy_bytes=16 * MIB,
                     cpu_gemm_shapes=((64, 256, 256),), cuda_gemm_shapes=((32, 64, 64),),
                     gemv_shape=(512, 512), attention_tokens=1024)
-    host = profiler.probe_host()
+    host = hostfacts.probe_host()
     p = profiler._profile_with(small, 1, lambda step, done: None, host, gpu)
     a = p.accelerator
     assert not a.loopback and a.name == "Test GPU 24GB" and p.name.endswith("-test-gpu-24gb")
@@ -205,10 +205,10 @@ def test_parse_proc_files():
     cpuinfo = ("processor\t: 0\nmodel name\t: Test CPU 9000\nphysical id\t: 0\ncore id\t\t: 0\n\n"
                "processor\t: 1\nmodel name\t: Test CPU 9000\nphysical id\t: 0\ncore id\t\t: 0\n\n"
                "processor\t: 2\nmodel name\t: Test CPU 9000\nphysical id\t: 0\ncore id\t\t: 1\n")
-    assert profiler.parse_cpuinfo(cpuinfo) == ("Test CPU 9000", 2)  # 3 threads on 2 cores
-    assert profiler.parse_cpuinfo("processor\t: 0\nBogoMIPS\t: 50.00\n") == ("", 0)
+    assert hostfacts.parse_cpuinfo(cpuinfo) == ("Test CPU 9000", 2)  # 3 threads on 2 cores
+    assert hostfacts.parse_cpuinfo("processor\t: 0\nBogoMIPS\t: 50.00\n") == ("", 0)
     meminfo = "MemTotal:       24684092 kB\nMemFree:        1000 kB\nMemAvailable:   20000000 kB\n"
-    assert profiler.parse_meminfo(meminfo) == (24684092 * 1024, 20000000 * 1024)
+    assert hostfacts.parse_meminfo(meminfo) == (24684092 * 1024, 20000000 * 1024)
     assert profiler.slug("My Box.local-NVIDIA GeForce RTX 4090") == "my-box-local-nvidia-geforce-rtx-4090"
 
 
