@@ -95,7 +95,7 @@ def test_the_checks_see_a_violation(tmp_path):
 
 def test_modules_and_functions_stay_short():
     long_modules, long_functions = [], []
-    for path in _modules():
+    for path in [*_modules(), *sorted((ROOT / "executor").glob("*.py"))]:
         text = path.read_text()
         if len(text.splitlines()) >= MAX_MODULE_LINES:
             long_modules.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
